@@ -1,0 +1,1 @@
+"""Data: featurization, task registry, readers, built-in corpus, tokenizer, Grain pipeline."""

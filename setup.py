@@ -1,0 +1,37 @@
+"""omnimol-jax: a JAX/Flax reimplementation of Omni-Mol (arXiv 2502.01074)."""
+from setuptools import find_packages, setup
+
+INSTALL_REQUIRES = [
+    "jax>=0.10.2,<0.13",
+    "flax>=0.12.8,<0.13",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.12.4,<0.13",
+    "grain==0.2.18",
+    "jraph==0.0.6.dev0",
+    "rdkit>=2024.3",
+    "selfies>=2.1",
+    "transformers>=5,<6",
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
+    "ml_dtypes>=0.4",
+    "numpy>=1.26",
+    "pyyaml>=6",
+    "tqdm>=4.66",
+    "tensorboardX>=2.6",
+    "matplotlib>=3.8",
+]
+
+setup(
+    name="omnimol-jax",
+    version="0.1.0",
+    description="Multitask molecular LLM (Omni-Mol) in JAX/Flax: Llama + GIN graph tower + MoGE LoRA experts",
+    python_requires=">=3.11",
+    packages=find_packages(include=["omnimol_jax", "omnimol_jax.*"]),
+    package_data={"omnimol_jax": ["py.typed"]},
+    install_requires=INSTALL_REQUIRES,
+    extras_require={
+        # torch is only for parity tests/benchmarks; this exact pin resolves to the local CPU wheel.
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "datamol>=0.12"],
+    },
+    entry_points={"console_scripts": ["omnimol=omnimol_jax.cli:main"]},
+)

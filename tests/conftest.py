@@ -1,0 +1,26 @@
+"""Test setup: 8 fake CPU devices (must be set before jax initialises) and the `slow` marker."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: slower checks, run with --run-slow (make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip_slow = pytest.mark.skip(reason="slow: run with --run-slow or `make test-slow`")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip_slow)
