@@ -1,0 +1,40 @@
+"""`omnimol` command line. Each capability lives in its own module, which registers its subcommands here.
+
+A module in COMMAND_MODULES provides `register(subparsers)`, adding parsers whose `func` attribute takes the
+parsed args and returns an exit code. Modules are imported lazily per subcommand so that `omnimol --help`
+stays fast and a broken optional dependency only affects its own command.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (subcommand names, module that registers them)
+COMMAND_MODULES: list[str] = [
+    "omnimol_jax.convert.cli",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omnimol",
+        description="Omni-Mol in JAX/Flax: train, evaluate and convert multitask molecular LLMs.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
