@@ -1,0 +1,197 @@
+"""Model checkpoints: an Orbax parameter tree plus the model config, written atomically.
+
+Layout of a checkpoint directory:
+    omnimol_checkpoint.json   format version, model config, provenance
+    params/                   Orbax (StandardCheckpointer) tree of parameter arrays, string keys
+    hf_assets/                tokenizer and generation files carried through from a HF folder (optional)
+
+The parameter tree mirrors the module tree: {'layers': {'0': {'self_attn': {'q_proj': {'kernel': ...}}}}}.
+Training-run checkpoints (optimizer, data iterator, ...) are managed by the trainer; this is the format
+that conversion, evaluation and generation read.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from omnimol_jax.config import ConfigError, ModelConfig, build_dataclass
+
+FORMAT_VERSION = 1
+META_FILE = "omnimol_checkpoint.json"
+PARAMS_DIR = "params"
+ASSETS_DIR = "hf_assets"
+
+FlatParams = dict[tuple[str, ...], Any]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or does not match the model; names the path."""
+
+
+def flatten(tree: dict) -> FlatParams:
+    out: FlatParams = {}
+
+    def visit(node, prefix):
+        if isinstance(node, dict):
+            for key, child in node.items():
+                visit(child, prefix + (str(key),))
+        else:
+            out[prefix] = node
+
+    visit(tree, ())
+    return out
+
+
+def unflatten(flat: FlatParams) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return tree
+
+
+def module_params(module: nnx.Module) -> FlatParams:
+    """The module's parameters keyed by string paths (checkpoint layout)."""
+    return {tuple(map(str, path)): variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+
+
+def assign_params(module: nnx.Module, params: FlatParams, strict: bool = True) -> None:
+    """Writes `params` into the module's Param variables (shapes and dtypes must match)."""
+    state = nnx.state(module, nnx.Param)
+    missing, mismatched = [], []
+    for path, variable in nnx.to_flat_state(state):
+        key = tuple(map(str, path))
+        if key not in params:
+            missing.append("/".join(key))
+            continue
+        value, current = params[key], variable.get_value()
+        if tuple(value.shape) != tuple(current.shape):
+            mismatched.append(f"{'/'.join(key)}: checkpoint {tuple(value.shape)} vs model {tuple(current.shape)}")
+            continue
+        variable.set_value(jax.numpy.asarray(value, dtype=current.dtype))
+    known = {tuple(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+    unexpected = ["/".join(k) for k in params if k not in known]
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError("parameters do not match the model:"
+                              + (f"\n  missing: {missing[:20]}" if missing else "")
+                              + (f"\n  unexpected: {unexpected[:20]}" if unexpected else "")
+                              + (f"\n  wrong shape: {mismatched[:20]}" if mismatched else ""))
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling directory that becomes `target` only if the block succeeds."""
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_metadata(directory: Path, model_config: ModelConfig, extra: Optional[dict] = None) -> None:
+    meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_config), **(extra or {})}
+    (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def read_metadata(directory: str | os.PathLike) -> tuple[ModelConfig, dict]:
+    directory = Path(directory)
+    meta_path = directory / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{directory}: not an omnimol checkpoint ({META_FILE} is missing)")
+    try:
+        meta = json.loads(meta_path.read_text())
+        model_config = build_dataclass(ModelConfig, meta["model"], prefix="model")
+    except (json.JSONDecodeError, KeyError, ConfigError) as err:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata: {err}") from err
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{meta_path}: format_version {meta.get('format_version')} is not {FORMAT_VERSION}")
+    if not (directory / PARAMS_DIR).is_dir():
+        raise CheckpointError(f"{directory}: the {PARAMS_DIR}/ directory is missing")
+    return model_config, meta
+
+
+def save_params(directory: Path, params: FlatParams) -> None:
+    """Saves a flat parameter dict with Orbax (synchronously)."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, unflatten(params))
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def save_model_checkpoint(directory: str | os.PathLike, model_config: ModelConfig, params: FlatParams,
+                          extra_metadata: Optional[dict] = None, overwrite: bool = False) -> Path:
+    with atomic_directory(Path(directory), overwrite=overwrite) as tmp:
+        save_params(tmp, params)
+        write_metadata(tmp, model_config, extra_metadata)
+    return Path(directory)
+
+
+def params_metadata(directory: str | os.PathLike) -> FlatParams:
+    """Shapes and dtypes of the stored parameters (nothing is read)."""
+    checkpointer = ocp.StandardCheckpointer()
+    meta = checkpointer.metadata(Path(directory).absolute() / PARAMS_DIR)
+    tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta
+    return flatten(jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype), dict(tree)))
+
+
+def load_params(directory: str | os.PathLike, shardings: Optional[FlatParams] = None) -> FlatParams:
+    """Reads all parameters: host numpy arrays, or device arrays laid out by `shardings` (path -> Sharding)."""
+    directory = Path(directory).absolute()
+    stored = params_metadata(directory)
+    if shardings is None:
+        target = {k: np.empty(v.shape, v.dtype) for k, v in stored.items()}
+    else:
+        missing = [k for k in stored if k not in shardings]
+        if missing:
+            raise CheckpointError(f"{directory}: no sharding for stored parameters {missing[:10]}")
+        target = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k]) for k, v in stored.items()}
+    checkpointer = ocp.StandardCheckpointer()
+    restored = checkpointer.restore(directory / PARAMS_DIR, unflatten(target))
+    return flatten(restored)
+
+
+def load_llama(directory: str | os.PathLike, mesh: Optional[jax.sharding.Mesh] = None):
+    """A LlamaForCausalLM with the checkpoint's weights, sharded over `mesh` when given."""
+    from omnimol_jax.model.llama import LlamaForCausalLM
+    from omnimol_jax.sharding import state_shardings
+
+    model_config, _ = read_metadata(directory)
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = None
+    if mesh is not None:
+        sharded = state_shardings(abstract_state, mesh)
+        shardings = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(sharded)}
+    params = load_params(directory, shardings)
+    flat_state = nnx.to_flat_state(abstract_state)
+    expected = {tuple(map(str, p)) for p, _ in flat_state}
+    if set(params) != expected:
+        raise CheckpointError(f"{directory}: parameters do not match the model config; missing "
+                              f"{sorted('/'.join(k) for k in expected - set(params))[:10]}, unexpected "
+                              f"{sorted('/'.join(k) for k in set(params) - expected)[:10]}")
+    for path, variable in flat_state:
+        value = params[tuple(map(str, path))]
+        variable.set_value(value if isinstance(value, jax.Array) else jax.numpy.asarray(value))
+    return nnx.merge(graphdef, abstract_state)

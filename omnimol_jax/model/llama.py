@@ -1,0 +1,363 @@
+"""Llama decoder in Flax NNX, numerically matching `transformers.LlamaForCausalLM`.
+
+RMSNorm, rotate-half RoPE (default / linear / llama3 frequency scaling), grouped-query attention,
+SwiGLU MLP, tied or untied embeddings. Attention masks combine causality, key padding and (for packed
+sequences) segment ids. A functional KV cache (`KVCache`) serves decoding: keys are written at slot
+`cache.index` and every query attends to the valid slots at or before its own.
+
+Every parameter carries `logical_axes` metadata and activations are constrained by logical name; the
+mapping to mesh axes lives only in `omnimol_jax.sharding`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+from flax import nnx
+
+from omnimol_jax.config import ModelConfig
+from omnimol_jax.sharding import constrain
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+REMAT_POLICIES: dict[str, Optional[Callable]] = {
+    "full": None,  # save nothing but the layer inputs
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention_out": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    return DTYPES[name]
+
+
+# --------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nnx.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), statistics in fp32, as HF LlamaRMSNorm."""
+
+    def __init__(self, dim: int, eps: float, param_dtype: jnp.dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before the weight multiply; keep that order for bf16 parity.
+        return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class Projection(nnx.Module):
+    """A bias-free linear map contracting the trailing `len(in_shape)` input dims with a kernel
+    of shape in_shape + out_shape (e.g. [embed] -> [heads, head_dim])."""
+
+    def __init__(self, in_shape: Sequence[int], out_shape: Sequence[int], logical_axes: Sequence[str], *,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, init_std: float, rngs: nnx.Rngs):
+        shape = tuple(in_shape) + tuple(out_shape)
+        if len(logical_axes) != len(shape):
+            raise ValueError(f"logical_axes {logical_axes} do not match kernel shape {shape}")
+        self.num_contract = len(in_shape)
+        self.dtype = dtype
+        init = jax.nn.initializers.normal(stddev=init_std)
+        self.kernel = nnx.Param(init(rngs.params(), shape, param_dtype), logical_axes=tuple(logical_axes))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        return jnp.tensordot(x.astype(self.dtype), kernel, axes=self.num_contract)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab_size: int, dim: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype, init_std: float,
+                 rngs: nnx.Rngs):
+        self.dtype = dtype
+        init = jax.nn.initializers.normal(stddev=init_std)
+        self.embedding = nnx.Param(init(rngs.params(), (vocab_size, dim), param_dtype),
+                                   logical_axes=("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output head: x @ E^T."""
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary position embedding
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+    """Per-pair inverse frequencies [head_dim/2], float32, as HF `ROPE_INIT_FUNCTIONS` computes them."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    if config.rope_type == "default":
+        return inv_freq
+    if config.rope_type == "linear":
+        return (inv_freq / np.float32(config.rope_factor)).astype(np.float32)
+    if config.rope_type == "llama3":
+        factor = config.rope_factor
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        old_context = config.rope_original_max_position_embeddings
+        low_freq_wavelen = old_context / low
+        high_freq_wavelen = old_context / high
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated smoothly.
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    raise ValueError(f"unsupported rope_type {config.rope_type!r}")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on x [B, S, heads, head_dim] at integer positions [B, S]."""
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------------------------------
+# KV cache
+
+
+class KVCache(NamedTuple):
+    """Decoding state. keys/values: one [B, max_len, kv_heads, head_dim] array per layer.
+
+    `valid[b, t]` says slot t of row b holds a real token; `index` is the next slot to write (shared by all
+    rows, so left-padded prompts and per-row positions work). `num_valid[b]` counts real tokens of row b,
+    i.e. the position of its next token.
+    """
+
+    keys: tuple[jax.Array, ...]
+    values: tuple[jax.Array, ...]
+    valid: jax.Array
+    index: jax.Array
+    num_valid: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.valid.shape[1]
+
+
+CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
+
+
+def init_kv_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
+    dtype = dtype or dtype_of(config.dtype)
+    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
+    return KVCache(
+        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+        valid=jnp.zeros((batch_size, max_length), jnp.bool_),
+        index=jnp.zeros((), jnp.int32),
+        num_valid=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def kv_cache_logical_axes(config: ModelConfig) -> KVCache:
+    """The cache's logical axes, mirroring its structure (for shardings of decode functions)."""
+    layer = tuple(CACHE_AXES for _ in range(config.num_layers))
+    return KVCache(keys=layer, values=layer, valid=("cache_batch", "cache_length"), index=(),
+                   num_valid=("cache_batch",))
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention and MLP
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
+                  init_std=config.initializer_range, rngs=rngs)
+        self.q_proj = Projection((d,), (h, hd), ("embed", "q_heads", "head_dim"), **kw)
+        self.k_proj = Projection((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.v_proj = Projection((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
+        self.o_proj = Projection((h, hd), (d,), ("q_heads", "head_dim", "embed"), **kw)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, key_valid: jax.Array,
+                 segment_ids: Optional[jax.Array], layer_cache: Optional[tuple[jax.Array, jax.Array]],
+                 cache_index: Optional[jax.Array]) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+        cfg = self.config
+        heads = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
+        kv_heads = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
+        q = constrain(apply_rope(self.q_proj(x), positions, inv_freq), heads)
+        k = constrain(apply_rope(self.k_proj(x), positions, inv_freq), kv_heads)
+        v = constrain(self.v_proj(x), kv_heads)
+        seq_len = x.shape[1]
+
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
+            new_cache = (k, v)
+            query_slots = cache_index + jnp.arange(seq_len)
+            key_slots = jnp.arange(k.shape[1])
+        else:
+            new_cache = None
+            query_slots = key_slots = jnp.arange(seq_len)
+
+        # mask[b, q, t]: causal in slot order, real keys only, and (packing) same segment.
+        mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
+        if segment_ids is not None:
+            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+
+        if cfg.attention_impl == "jax":
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
+                                               scale=cfg.head_dim ** -0.5)
+        else:
+            out = self._einsum_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+        out = checkpoint_name(constrain(out, heads), "attention_out")
+        return self.o_proj(out), new_cache
+
+    def _einsum_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, s, _, hd = q.shape
+        grouped = q.reshape(b, s, cfg.num_kv_heads, cfg.num_query_groups, hd)
+        scores = jnp.einsum("bskgd,btkd->bkgst", grouped, k).astype(jnp.float32) * (hd ** -0.5)
+        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+        return out.reshape(b, s, cfg.num_heads, hd)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = config.hidden_size, config.intermediate_size
+        kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
+                  init_std=config.initializer_range, rngs=rngs)
+        self.gate_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
+        self.up_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
+        self.down_proj = Projection((f,), (d,), ("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
+        return self.down_proj(hidden)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        param_dtype = dtype_of(config.param_dtype)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.self_attn = Attention(config, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index):
+        attn_out, new_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, key_valid, segment_ids,
+                                             layer_cache, cache_index)
+        x = constrain(x + attn_out, BATCH_LENGTH_EMBED)
+        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), BATCH_LENGTH_EMBED)
+        return x, new_cache
+
+
+# --------------------------------------------------------------------------------------------------
+# The model
+
+
+class CausalLMOutput(NamedTuple):
+    logits: jax.Array
+    cache: Optional[KVCache]
+    hidden_states: Optional[jax.Array]
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Decoder-only Llama. Parameter names follow HF (`model.layers.{i}.self_attn.q_proj` ->
+    `layers[i].self_attn.q_proj.kernel`), which keeps the HF converter a plain table."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        config.validate()
+        self.config = config
+        dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
+                                      init_std=config.initializer_range, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = Projection((config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), dtype=dtype,
+                                      param_dtype=param_dtype, init_std=config.initializer_range, rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, input_ids: Optional[jax.Array] = None, *, inputs_embeds: Optional[jax.Array] = None,
+                 positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 return_hidden_states: bool = False) -> CausalLMOutput:
+        """Logits [B, S, vocab] for tokens (or precomputed embeddings, e.g. with spliced graph tokens).
+
+        attention_mask [B, S]: 1 for real tokens (default all ones). positions [B, S]: default is the count
+        of real tokens before each one, which is right for left or right padding and continues from the
+        cache. segment_ids [B, S] (packed sequences; not with a cache): tokens attend only within their
+        segment; pass positions too, restarting at 0 per segment.
+        """
+        cfg = self.config
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(dtype_of(cfg.dtype))
+        batch, seq_len = x.shape[:2]
+        x = constrain(x, BATCH_LENGTH_EMBED)
+        mask = (jnp.ones((batch, seq_len), jnp.bool_) if attention_mask is None
+                else attention_mask.astype(jnp.bool_))
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids (packing) are for training; decoding with a cache takes attention_mask")
+        if positions is None:
+            offset = cache.num_valid[:, None] if cache is not None else 0
+            positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        inv_freq = jnp.asarray(rope_inverse_frequencies(cfg))
+
+        if cache is not None:
+            key_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+            cache_index = cache.index
+        else:
+            key_valid, cache_index = mask, None
+
+        layer_fn = _decoder_layer_call
+        if cfg.remat_policy != "none":
+            layer_fn = nnx.remat(_decoder_layer_call, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
+        new_keys, new_values = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
+            x, updated = layer_fn(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index)
+            if updated is not None:
+                new_keys.append(updated[0])
+                new_values.append(updated[1])
+
+        hidden = self.norm(x)
+        logits = self.lm_head(hidden) if not cfg.tie_word_embeddings else self.embed_tokens.attend(hidden)
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        new_cache = None
+        if cache is not None:
+            new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
+                                index=cache.index + seq_len,
+                                num_valid=cache.num_valid + mask.sum(axis=1, dtype=jnp.int32))
+        return CausalLMOutput(logits=logits, cache=new_cache, hidden_states=hidden if return_hidden_states else None)
+
+
+def _decoder_layer_call(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index):
+    return layer(x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index)
+
+
+def count_parameters(config: ModelConfig) -> int:
+    """Parameter count from shapes only (nothing is allocated)."""
+    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    return sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(abstract, nnx.Param)))
