@@ -133,11 +133,17 @@ def read_metadata(directory: str | os.PathLike) -> tuple[ModelConfig, dict]:
 
 
 def save_params(directory: Path, params: FlatParams) -> None:
-    """Saves a flat parameter dict with Orbax (synchronously)."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(directory).absolute() / PARAMS_DIR, unflatten(params))
-    checkpointer.wait_until_finished()
-    checkpointer.close()
+    """Saves a flat parameter dict with Orbax (synchronously), holding about one tensor beyond `params`.
+
+    Orbax copies every array to host before writing; with jax.Array leaves, a device->host budget of one
+    tensor and no compression (whose buffers are another full copy), that copy is one tensor at a time.
+    Pass jax.Arrays: numpy leaves are converted here, which costs a copy of each while `params` lives.
+    """
+    arrays = {k: v if isinstance(v, jax.Array) else jax.numpy.asarray(v) for k, v in params.items()}
+    budget_bytes = max([1 << 20] + [v.nbytes for v in arrays.values()])
+    handler = ocp.PyTreeCheckpointHandler(save_device_host_concurrent_gb=budget_bytes / 1e9, use_compression=False)
+    with ocp.Checkpointer(handler) as checkpointer:
+        checkpointer.save(Path(directory).absolute() / PARAMS_DIR, args=ocp.args.PyTreeSave(unflatten(arrays)))
 
 
 def save_model_checkpoint(directory: str | os.PathLike, model_config: ModelConfig, params: FlatParams,

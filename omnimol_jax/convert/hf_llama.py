@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
+import jax
 import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
@@ -255,7 +256,8 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: Optional[str] = None, 
         params: FlatParams = {}
         for mapping in tqdm(table, desc="import-hf", unit="tensor", disable=not progress):
             tensor = st.load_tensor(found[mapping.hf_name])
-            params[mapping.path] = np.ascontiguousarray(mapping.from_hf(tensor).astype(target_dtype, copy=False))
+            # A jax.Array now, so the Orbax save needs no second full copy (see checkpoint.save_params).
+            params[mapping.path] = jax.numpy.asarray(mapping.from_hf(tensor).astype(target_dtype, copy=False))
             del tensor
         save_params(tmp, params)
         del params

@@ -153,7 +153,7 @@ def write_file(path: Path, tensors: Iterable[PlannedTensor], metadata: Optional[
             if array.shape != t.shape or array.dtype != np.dtype(t.dtype):
                 raise SafetensorsError(f"{path}: tensor {t.name} produced {array.shape} {array.dtype}, "
                                        f"planned {t.shape} {np.dtype(t.dtype)}")
-            f.write(array.tobytes(order="C"))
+            f.write(array.reshape(-1).view(np.uint8).data)  # no bytes copy of the tensor
             if on_tensor:
                 on_tensor(t)
             del array
