@@ -12,6 +12,7 @@ import sys
 
 # (subcommand names, module that registers them)
 COMMAND_MODULES: list[str] = [
+    "omnimol_jax.model_cli",
     "omnimol_jax.convert.cli",
 ]
 

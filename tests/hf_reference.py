@@ -10,12 +10,12 @@ from omnimol_jax.config import ModelConfig
 from omnimol_jax.convert.hf_llama import hf_config_from_model, params_to_hf_state_dict
 
 
-def torch_twin(config: ModelConfig, model) -> transformers.LlamaForCausalLM:
-    """An fp32 eager-attention HF model holding exactly our model's weights."""
+def torch_twin(config: ModelConfig, model, attn_implementation: str = "eager") -> transformers.LlamaForCausalLM:
+    """An fp32 HF model holding exactly our model's weights (eager attention: the reference numerics)."""
     hf = hf_config_from_model(config, dtype="float32")
     hf.pop("architectures")
     hf_config = transformers.LlamaConfig(**hf)
-    hf_config._attn_implementation = "eager"
+    hf_config._attn_implementation = attn_implementation
     twin = transformers.LlamaForCausalLM(hf_config).eval()
     state_dict = {k: torch.from_numpy(np.asarray(v, np.float32).copy())
                   for k, v in params_to_hf_state_dict(config, module_params(model)).items()}

@@ -1,0 +1,86 @@
+"""Forward-pass throughput: our jitted Llama vs transformers.LlamaForCausalLM (torch), same weights and batch.
+
+    python benchmarks/forward.py [--preset small] [--batch 4] [--seq 256] [--iters 5]
+Prints one JSON object: tokens/s of each, their ratio, the XLA compile time, and the max logit difference
+(so a fast-but-wrong result cannot hide).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # hf_reference helpers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from omnimol_jax.config import model_config_from_preset
+from omnimol_jax.model.llama import LlamaForCausalLM, count_parameters
+from hf_reference import torch_twin
+
+
+def timed(fn, iters: int) -> list[float]:
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"])
+    args = parser.parse_args()
+
+    config = model_config_from_preset(args.preset)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.seq)).astype(np.int32)
+    tokens = args.batch * args.seq
+
+    forward = jax.jit(lambda s, i: nnx.merge(graphdef, s)(i).logits)
+    start = time.perf_counter()
+    compiled = forward.lower(state, ids).compile()
+    compile_s = time.perf_counter() - start
+    jax_logits = np.asarray(compiled(state, ids))
+    jax_times = timed(lambda: compiled(state, ids).block_until_ready(), args.iters)
+
+    twin = torch_twin(config, model, args.torch_attention)
+    ids_t = torch.from_numpy(ids.astype(np.int64))
+    with torch.inference_mode():
+        torch_logits = twin(input_ids=ids_t).logits.numpy()
+        torch_times = timed(lambda: twin(input_ids=ids_t), args.iters)
+
+    jax_tps = tokens / statistics.median(jax_times)
+    torch_tps = tokens / statistics.median(torch_times)
+    print(json.dumps({
+        "benchmark": "forward", "preset": args.preset, "parameters": count_parameters(config),
+        "batch": args.batch, "seq_len": args.seq, "dtype": config.dtype, "iters": args.iters,
+        "jax_tokens_per_s": round(jax_tps, 1), "torch_tokens_per_s": round(torch_tps, 1),
+        "jax_over_torch": round(jax_tps / torch_tps, 3), "jax_compile_s": round(compile_s, 2),
+        "jax_step_s_median": round(statistics.median(jax_times), 4),
+        "torch_step_s_median": round(statistics.median(torch_times), 4),
+        "max_abs_logit_diff": float(np.abs(jax_logits - torch_logits).max()),
+        "torch_attention": twin.config._attn_implementation,
+        "machine": {"cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(), "device": str(jax.devices()[0]),
+                    "python": platform.python_version()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
