@@ -152,7 +152,8 @@ def gin_params_from_moleculestm(state_dict: Mapping[str, Any], config: GINConfig
 
 def _expected_shapes(config: GINConfig) -> dict[Path, tuple[int, ...]]:
     abstract = nnx.eval_shape(lambda: GIN(config, rngs=nnx.Rngs(0)))
-    return {path: tuple(_variable_at(abstract, path).get_value().shape) for path, _ in moleculestm_key_map(config).values()}
+    return {path: tuple(_variable_at(abstract, path).get_value().shape)
+            for path, _ in moleculestm_key_map(config).values()}
 
 
 def load_moleculestm(gin: GIN, checkpoint: Union[str, os.PathLike, Mapping[str, Any]]) -> GIN:

@@ -1,0 +1,55 @@
+"""Omni-Mol: frozen MoleculeSTM GIN -> projector -> atom vectors spliced into the Llama prompt.
+
+forward(input_ids, graphs):
+    token embeddings of input_ids (graph-slot sentinels clipped to id 0 for the lookup; they are
+    overwritten) -> GIN over the padded graph batch (stop_gradient: the tower is frozen) -> projector
+    -> splice into the slots -> Llama on `inputs_embeds`.
+Positions count slots like ordinary tokens (the Llama's default cumulative count), which is what the
+reference model sees. Decoding: the prefill call carries the graphs; later steps pass graphs=None and
+only embed their new tokens, the cache holds the rest.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from omnimol_jax.config import ModelConfig
+from omnimol_jax.constants import IMAGE_TOKEN_ID
+from omnimol_jax.data.graphs import GraphBatch, node_mask
+from omnimol_jax.model.gin import GIN, GINConfig
+from omnimol_jax.model.llama import CausalLMOutput, KVCache, LlamaForCausalLM
+from omnimol_jax.model.projector import Projector, ProjectorType
+from omnimol_jax.model.splice import splice_graph_embeddings
+
+
+class OmniMolModel(nnx.Module):
+    def __init__(self, config: ModelConfig, *, gin_config: GINConfig = GINConfig(),
+                 projector_type: ProjectorType = "linear", rngs: nnx.Rngs):
+        self.graph_tower = GIN(gin_config, rngs=rngs)
+        self.projector = Projector(gin_config.hidden_size, config.hidden_size, projector_type, rngs=rngs)
+        self.language_model = LlamaForCausalLM(config, rngs=rngs)
+
+    def encode_graphs(self, graphs: GraphBatch) -> jax.Array:
+        """Projected atom vectors [N_pad, d_model] (fp32); padding rows hold the projector bias."""
+        atoms = self.graph_tower(graphs.graphs, node_mask(graphs))
+        return self.projector(jax.lax.stop_gradient(atoms))
+
+    def embed_inputs(self, input_ids: jax.Array, graphs: Optional[GraphBatch] = None, *,
+                     validate_graph_slots: bool = False) -> jax.Array:
+        """[B, S, d_model] input embeddings with graph slots filled from `graphs`."""
+        embeddings = self.language_model.embed(jnp.maximum(input_ids, 0))
+        if graphs is None:
+            return embeddings
+        return splice_graph_embeddings(embeddings, input_ids, self.encode_graphs(graphs), graphs.node_sample_index,
+                                       image_token_id=IMAGE_TOKEN_ID, validate=validate_graph_slots)
+
+    def __call__(self, input_ids: jax.Array, graphs: Optional[GraphBatch] = None, *,
+                 positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
+                 segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+                 return_hidden_states: bool = False, validate_graph_slots: bool = False) -> CausalLMOutput:
+        inputs_embeds = self.embed_inputs(input_ids, graphs, validate_graph_slots=validate_graph_slots)
+        return self.language_model(inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
+                                   segment_ids=segment_ids, cache=cache, return_hidden_states=return_hidden_states)
