@@ -30,6 +30,88 @@ DType = Literal["float32", "bfloat16", "float16"]
 RematPolicy = Literal["none", "full", "dots", "dots_with_no_batch_dims", "save_attention_out"]
 
 
+LoRATarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MoGELayerSet = Literal["last_quarter", "first_half", "second_half", "every_4th", "all"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """LoRA adapters (SPEC.md section 2): y = W x + s * B A dropout(x), W frozen.
+
+    `enabled` puts one adapter on each target projection of attention and of the non-MoE FFNs. MoGE experts
+    always carry their own adapters with these rank/alpha/GAL settings.
+    """
+
+    enabled: bool = False
+    rank: int = 64
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: tuple[LoRATarget, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    # GAL: s = clip(a, *gal_a_range) / rank ** clip(p, *gal_p_range) + clip(b, *gal_b_range), a/b/p learnable.
+    gal: bool = True
+    gal_a_init: float = 16.0
+    gal_b_init: float = 0.0
+    gal_p_init: float = 0.5
+    gal_a_range: tuple[float, float] = (15.9, 16.1)
+    gal_b_range: tuple[float, float] = (-0.05, 0.05)
+    gal_p_range: tuple[float, float] = (0.49, 0.51)
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def validate(self) -> None:
+        _require(self.rank > 0, "model.lora.rank", f"must be positive, got {self.rank}")
+        _require(0.0 <= self.dropout < 1.0, "model.lora.dropout", f"must be in [0, 1), got {self.dropout}")
+        for name in ("gal_a_range", "gal_b_range", "gal_p_range"):
+            low, high = getattr(self, name)
+            _require(low <= high, f"model.lora.{name}", f"low {low} > high {high}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoGEConfig:
+    """Mixture of GAL-LoRA experts on the FFN of selected layers (SPEC.md section 3)."""
+
+    enabled: bool = False
+    layers: MoGELayerSet = "last_quarter"
+    num_experts: int = 5
+    num_shared_experts: int = 1
+    top_k: int = 2
+    norm_topk_prob: bool = False
+    routed_scaling_factor: float = 1.0
+    # Per-expert LoRA ranks (the paper's rank adaptivity); None = every expert uses lora.rank.
+    expert_ranks: Optional[tuple[int, ...]] = None
+    aux_loss_alpha: float = 1.0
+    # The train step adds aux_loss_coef * (sum over MoE layers of the aux loss).
+    aux_loss_coef: float = 0.01
+    aux_loss_stop_gradient: bool = False
+    # The reference counts every position (pads included); true restricts the aux loss to real tokens.
+    aux_loss_ignore_padding: bool = False
+    # fused: frozen gate/up once per token, one down projection of the weighted sum (default);
+    # naive: every selected expert evaluates its full FFN (the reference's structure).
+    implementation: Literal["fused", "naive"] = "fused"
+
+    def validate(self) -> None:
+        _require(self.num_experts >= 1, "model.moge.num_experts", f"must be >= 1, got {self.num_experts}")
+        _require(1 <= self.top_k <= self.num_experts, "model.moge.top_k",
+                 f"must be in [1, num_experts={self.num_experts}], got {self.top_k}")
+        _require(self.num_shared_experts in (0, 1), "model.moge.num_shared_experts",
+                 f"0 or 1 shared expert is supported, got {self.num_shared_experts}")
+        if self.expert_ranks is not None:
+            _require(len(self.expert_ranks) == self.num_experts, "model.moge.expert_ranks",
+                     f"needs one rank per routed expert ({self.num_experts}), got {len(self.expert_ranks)}")
+            _require(all(r > 0 for r in self.expert_ranks), "model.moge.expert_ranks", "ranks must be positive")
+
+    def layer_indices(self, num_layers: int) -> tuple[int, ...]:
+        if not self.enabled:
+            return ()
+        selections = {
+            "last_quarter": range(num_layers - num_layers // 4, num_layers),
+            "first_half": range(num_layers // 2),
+            "second_half": range(num_layers // 2, num_layers),
+            "every_4th": range(3, num_layers, 4),
+            "all": range(num_layers),
+        }
+        return tuple(selections[self.layers])
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shape and numerics of the Llama decoder. Field names follow HF `LlamaConfig` where one exists."""
@@ -62,6 +144,8 @@ class ModelConfig:
     bos_token_id: Optional[int] = 128000
     eos_token_id: Optional[int] = 128009
     pad_token_id: Optional[int] = 128004
+    lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    moge: MoGEConfig = dataclasses.field(default_factory=MoGEConfig)
 
     @property
     def num_query_groups(self) -> int:
@@ -79,6 +163,11 @@ class ModelConfig:
                      "llama3 rope scaling needs high_freq_factor > low_freq_factor")
         if self.rope_type != "default":
             _require(self.rope_factor >= 1.0, "model.rope_factor", f"must be >= 1, got {self.rope_factor}")
+        self.lora.validate()
+        self.moge.validate()
+        if self.moge.enabled:
+            _require(len(self.moge.layer_indices(self.num_layers)) > 0, "model.moge.layers",
+                     f"'{self.moge.layers}' selects no layer of {self.num_layers}")
 
 
 @dataclasses.dataclass
@@ -169,7 +258,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         item_tp = args[0] if args else Any
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items  # tuples keep frozen configs hashable
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")

@@ -20,6 +20,8 @@ from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
 
 from omnimol_jax.config import ModelConfig
+from omnimol_jax.model.lora import LoRA, fold_rng
+from omnimol_jax.model.moge import MoGEFeedForward
 from omnimol_jax.sharding import constrain
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -179,26 +181,52 @@ def kv_cache_logical_axes(config: ModelConfig) -> KVCache:
 # Attention and MLP
 
 
+ADAPTER_IDS = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3, "gate_proj": 4, "up_proj": 5, "down_proj": 6}
+
+
+def add_adapters(owner: nnx.Module, config: ModelConfig, shapes: dict, rngs: nnx.Rngs) -> None:
+    """Attaches `<name>_lora` beside each targeted frozen projection `<name>` (when LoRA is enabled)."""
+    if not config.lora.enabled:
+        return
+    for name, (in_shape, out_shape, in_axes, out_axes) in shapes.items():
+        if name in config.lora.targets:
+            setattr(owner, f"{name}_lora", LoRA(in_shape, out_shape, in_axes, out_axes, config.lora,
+                                                compute_dtype=dtype_of(config.dtype), rngs=rngs))
+
+
+def project(owner: nnx.Module, name: str, x: jax.Array, rng: Optional[jax.Array]) -> jax.Array:
+    """Frozen projection plus its adapter's output (if it has one and it is not merged into the kernel)."""
+    y = getattr(owner, name)(x)
+    adapter = getattr(owner, f"{name}_lora", None)
+    if adapter is not None and not adapter.merged:
+        y = y + adapter(x, fold_rng(rng, ADAPTER_IDS[name])).astype(y.dtype)
+    return y
+
+
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         d, h, kv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
                   init_std=config.initializer_range, rngs=rngs)
-        self.q_proj = Projection((d,), (h, hd), ("embed", "q_heads", "head_dim"), **kw)
-        self.k_proj = Projection((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
-        self.v_proj = Projection((d,), (kv, hd), ("embed", "kv_heads", "head_dim"), **kw)
-        self.o_proj = Projection((h, hd), (d,), ("q_heads", "head_dim", "embed"), **kw)
+        shapes = {"q_proj": ((d,), (h, hd), ("embed",), ("q_heads", "head_dim")),
+                  "k_proj": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+                  "v_proj": ((d,), (kv, hd), ("embed",), ("kv_heads", "head_dim")),
+                  "o_proj": ((h, hd), (d,), ("q_heads", "head_dim"), ("embed",))}
+        for name, (in_shape, out_shape, in_axes, out_axes) in shapes.items():
+            setattr(self, name, Projection(in_shape, out_shape, in_axes + out_axes, **kw))
+        add_adapters(self, config, shapes, rngs)
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, key_valid: jax.Array,
                  segment_ids: Optional[jax.Array], layer_cache: Optional[tuple[jax.Array, jax.Array]],
-                 cache_index: Optional[jax.Array]) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+                 cache_index: Optional[jax.Array], rng: Optional[jax.Array] = None
+                 ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
         cfg = self.config
         heads = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
         kv_heads = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
-        q = constrain(apply_rope(self.q_proj(x), positions, inv_freq), heads)
-        k = constrain(apply_rope(self.k_proj(x), positions, inv_freq), kv_heads)
-        v = constrain(self.v_proj(x), kv_heads)
+        q = constrain(apply_rope(project(self, "q_proj", x, rng), positions, inv_freq), heads)
+        k = constrain(apply_rope(project(self, "k_proj", x, rng), positions, inv_freq), kv_heads)
+        v = constrain(project(self, "v_proj", x, rng), kv_heads)
         seq_len = x.shape[1]
 
         if layer_cache is not None:
@@ -224,7 +252,7 @@ class Attention(nnx.Module):
         else:
             out = self._einsum_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = checkpoint_name(constrain(out, heads), "attention_out")
-        return self.o_proj(out), new_cache
+        return project(self, "o_proj", out, rng), new_cache
 
     def _einsum_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.config
@@ -244,30 +272,44 @@ class MLP(nnx.Module):
         d, f = config.hidden_size, config.intermediate_size
         kw = dict(dtype=dtype_of(config.dtype), param_dtype=dtype_of(config.param_dtype),
                   init_std=config.initializer_range, rngs=rngs)
-        self.gate_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
-        self.up_proj = Projection((d,), (f,), ("embed", "mlp"), **kw)
-        self.down_proj = Projection((f,), (d,), ("mlp", "embed"), **kw)
+        shapes = {"gate_proj": ((d,), (f,), ("embed",), ("mlp",)),
+                  "up_proj": ((d,), (f,), ("embed",), ("mlp",)),
+                  "down_proj": ((f,), (d,), ("mlp",), ("embed",))}
+        for name, (in_shape, out_shape, in_axes, out_axes) in shapes.items():
+            setattr(self, name, Projection(in_shape, out_shape, in_axes + out_axes, **kw))
+        add_adapters(self, config, shapes, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+    def __call__(self, x: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
+        hidden = jax.nn.silu(project(self, "gate_proj", x, rng)) * project(self, "up_proj", x, rng)
         hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
-        return self.down_proj(hidden)
+        return project(self, "down_proj", hidden, rng)
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, is_moe: bool = False, rngs: nnx.Rngs):
         param_dtype = dtype_of(config.param_dtype)
+        self.is_moe = is_moe
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         self.self_attn = Attention(config, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
-        self.mlp = MLP(config, rngs=rngs)
+        if is_moe:
+            kw = dict(dtype=dtype_of(config.dtype), param_dtype=param_dtype, init_std=config.initializer_range)
+            self.mlp = MoGEFeedForward(config, Projection, kw, rngs=rngs)
+        else:
+            self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index):
+    def __call__(self, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index, rng=None,
+                 token_mask=None, token_task_ids=None, num_tasks=0):
         attn_out, new_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, key_valid, segment_ids,
-                                             layer_cache, cache_index)
+                                             layer_cache, cache_index, fold_rng(rng, 0))
         x = constrain(x + attn_out, BATCH_LENGTH_EMBED)
-        x = constrain(x + self.mlp(self.post_attention_layernorm(x)), BATCH_LENGTH_EMBED)
-        return x, new_cache
+        h = self.post_attention_layernorm(x)
+        if self.is_moe:
+            mlp_out, aux = self.mlp(h, token_mask, fold_rng(rng, 1), token_task_ids, num_tasks)
+        else:
+            mlp_out, aux = self.mlp(h, fold_rng(rng, 1)), None
+        x = constrain(x + mlp_out, BATCH_LENGTH_EMBED)
+        return x, new_cache, aux
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,6 +320,9 @@ class CausalLMOutput(NamedTuple):
     logits: jax.Array
     cache: Optional[KVCache]
     hidden_states: Optional[jax.Array]
+    # MoGE layers' outputs stacked over those layers: aux_loss [L], router_load [L, E],
+    # router_topk_weight [L], and with task ids router_task_load [L, T, E], router_task_tokens [L, T].
+    aux: dict
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -290,7 +335,9 @@ class LlamaForCausalLM(nnx.Module):
         dtype, param_dtype = dtype_of(config.dtype), dtype_of(config.param_dtype)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=param_dtype,
                                       init_std=config.initializer_range, rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        moe_layers = set(config.moge.layer_indices(config.num_layers))
+        self.layers = nnx.List([DecoderLayer(config, is_moe=i in moe_layers, rngs=rngs)
+                                for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = Projection((config.hidden_size,), (config.vocab_size,), ("embed", "vocab"), dtype=dtype,
@@ -302,13 +349,16 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids: Optional[jax.Array] = None, *, inputs_embeds: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 return_hidden_states: bool = False) -> CausalLMOutput:
+                 return_hidden_states: bool = False, dropout_rng: Optional[jax.Array] = None,
+                 task_ids: Optional[jax.Array] = None, num_tasks: int = 0) -> CausalLMOutput:
         """Logits [B, S, vocab] for tokens (or precomputed embeddings, e.g. with spliced graph tokens).
 
         attention_mask [B, S]: 1 for real tokens (default all ones). positions [B, S]: default is the count
         of real tokens before each one, which is right for left or right padding and continues from the
         cache. segment_ids [B, S] (packed sequences; not with a cache): tokens attend only within their
         segment; pass positions too, restarting at 0 per segment.
+        dropout_rng: enables LoRA dropout (training); None is deterministic. task_ids ([B], or [B, S] for
+        packed rows) with a static num_tasks add per-task router statistics to `aux`.
         """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -334,13 +384,19 @@ class LlamaForCausalLM(nnx.Module):
         layer_fn = _decoder_layer_call
         if cfg.remat_policy != "none":
             layer_fn = nnx.remat(_decoder_layer_call, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
-        new_keys, new_values = [], []
+        token_task_ids = None
+        if task_ids is not None:
+            token_task_ids = task_ids if task_ids.ndim == 2 else jnp.broadcast_to(task_ids[:, None], (batch, seq_len))
+        new_keys, new_values, moe_aux = [], [], []
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, updated = layer_fn(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index)
+            x, updated, aux = layer_fn(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache,
+                                       cache_index, fold_rng(dropout_rng, i), mask, token_task_ids, num_tasks)
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])
+            if aux is not None:
+                moe_aux.append(aux)
 
         hidden = self.norm(x)
         logits = self.lm_head(hidden) if not cfg.tie_word_embeddings else self.embed_tokens.attend(hidden)
@@ -350,11 +406,15 @@ class LlamaForCausalLM(nnx.Module):
             new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
                                 index=cache.index + seq_len,
                                 num_valid=cache.num_valid + mask.sum(axis=1, dtype=jnp.int32))
-        return CausalLMOutput(logits=logits, cache=new_cache, hidden_states=hidden if return_hidden_states else None)
+        stacked_aux = {k: jnp.stack([a[k] for a in moe_aux]) for k in moe_aux[0]} if moe_aux else {}
+        return CausalLMOutput(logits=logits, cache=new_cache, hidden_states=hidden if return_hidden_states else None,
+                              aux=stacked_aux)
 
 
-def _decoder_layer_call(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index):
-    return layer(x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index)
+def _decoder_layer_call(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index, rng,
+                        token_mask, token_task_ids, num_tasks):
+    return layer(x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index, rng, token_mask,
+                 token_task_ids, num_tasks)
 
 
 def count_parameters(config: ModelConfig) -> int:

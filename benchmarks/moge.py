@@ -1,0 +1,133 @@
+"""MoGE cost: fused vs naive, FLOPs from XLA's cost analysis and measured step time.
+
+    python benchmarks/moge.py [--tokens 1024] [--batch 4 --seq 256 --iters 3]
+Part 1 lowers ONE MoE layer at the llama3_2_1b shapes (d=2048, f=8192, E=5 + 1 shared, k=2, r=64) on
+abstract inputs (nothing allocated) and reads FLOPs per token for the forward and for forward+backward
+w.r.t. the trainables. Part 2 times a full train-style step (loss + gradients of the trainables) of the
+`small` preset with MoGE on this machine. Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from omnimol_jax.config import LoRAConfig, MoGEConfig, model_config_from_preset
+from omnimol_jax.model.llama import LlamaForCausalLM, Projection, count_parameters, dtype_of
+from omnimol_jax.model.lora import LoRAScale, LoRAWeight, RouterWeight, split_trainable
+from omnimol_jax.model.moge import MoGEFeedForward
+
+TRAINABLE = nnx.Any(LoRAWeight, LoRAScale, RouterWeight)
+
+
+def flops(compiled) -> float:
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis["flops"])
+
+
+def with_impl(config, implementation):
+    return dataclasses.replace(config, moge=dataclasses.replace(config.moge, implementation=implementation))
+
+
+def layer_costs(config, tokens: int) -> dict:
+    result = {}
+    for impl in ("fused", "naive"):
+        cfg = with_impl(config, impl)
+        kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), init_std=0.02)
+        abstract = nnx.eval_shape(lambda: MoGEFeedForward(cfg, Projection, kw, rngs=nnx.Rngs(0)))
+        graphdef, trainable, frozen = nnx.split(abstract, TRAINABLE, ...)
+        h = jax.ShapeDtypeStruct((1, tokens, cfg.hidden_size), dtype_of(cfg.dtype))
+        mask = jax.ShapeDtypeStruct((1, tokens), jnp.bool_)
+
+        def forward(tr, fr, h, mask):
+            y, aux = nnx.merge(graphdef, tr, fr)(h, mask)
+            return y, aux["aux_loss"]
+
+        def loss(tr, fr, h, mask):
+            y, aux_loss = forward(tr, fr, h, mask)
+            return jnp.sum(y.astype(jnp.float32) ** 2) + 0.01 * aux_loss
+
+        fwd = jax.jit(forward).lower(trainable, frozen, h, mask).compile()
+        bwd = jax.jit(jax.grad(loss)).lower(trainable, frozen, h, mask).compile()
+        result[impl] = {"forward_flops_per_token": flops(fwd) / tokens,
+                        "train_flops_per_token": flops(bwd) / tokens}
+        if impl == "fused":
+            sizes = {"frozen": frozen, "trainable": trainable}
+            result["param_bytes"] = {k: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(v)))
+                                     for k, v in sizes.items()}
+    d, f, e = config.hidden_size, config.intermediate_size, config.moge.num_experts + config.moge.num_shared_experts
+    frozen_ffn_bytes = 3 * d * f * np.dtype(jnp.bfloat16).itemsize
+    result["param_bytes"]["reference_frozen_copies"] = int(e * frozen_ffn_bytes)  # a deep copy per expert
+    result["dense_ffn_flops_per_token"] = 2 * 3 * d * f
+    return result
+
+
+def step_times(config, batch: int, seq: int, iters: int) -> dict:
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq + 1)), jnp.int32)
+    out = {}
+    for impl in ("fused", "naive"):
+        model = LlamaForCausalLM(with_impl(config, impl), rngs=nnx.Rngs(0))
+        graphdef, trainable, frozen = split_trainable(model)[:3]
+
+        def loss(tr, fr, ids):
+            o = nnx.merge(graphdef, tr, fr)(ids[:, :-1])
+            ce = optax.softmax_cross_entropy_with_integer_labels(o.logits.astype(jnp.float32), ids[:, 1:]).mean()
+            return ce + config.moge.aux_loss_coef * o.aux["aux_loss"].sum()
+
+        step = jax.jit(jax.value_and_grad(loss))
+        start = time.perf_counter()
+        compiled = step.lower(trainable, frozen, ids).compile()
+        compile_s = time.perf_counter() - start
+        value, _ = compiled(trainable, frozen, ids)
+        times = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(trainable, frozen, ids))
+            times.append(time.perf_counter() - start)
+        out[impl] = {"step_s_median": round(statistics.median(times), 4), "compile_s": round(compile_s, 2),
+                     "tokens_per_s": round(batch * seq / statistics.median(times), 1), "loss": float(value),
+                     "train_flops_per_token": flops(compiled) / (batch * seq)}
+    out["loss_abs_diff"] = abs(out["fused"]["loss"] - out["naive"]["loss"])
+    out["fused_over_naive_time"] = round(out["fused"]["step_s_median"] / out["naive"]["step_s_median"], 3)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1024, help="tokens in the abstract llama3_2_1b layer batch")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--iters", type=int, default=3)
+    args = parser.parse_args()
+
+    moge_1b = dataclasses.replace(model_config_from_preset("llama3_2_1b"), lora=LoRAConfig(enabled=True),
+                                  moge=MoGEConfig(enabled=True))
+    layer = layer_costs(moge_1b, args.tokens)
+    ratio = {k: layer["fused"][k] / layer["naive"][k] for k in ("forward_flops_per_token", "train_flops_per_token")}
+    small = dataclasses.replace(model_config_from_preset("small"), lora=LoRAConfig(enabled=True, dropout=0.0),
+                                moge=MoGEConfig(enabled=True))
+    print(json.dumps({
+        "benchmark": "moge",
+        "llama3_2_1b_moge_parameters": count_parameters(moge_1b),
+        "reference_parameters_approx": 2.2e9,
+        "one_moe_layer_llama3_2_1b": layer,
+        "fused_over_naive_flops": {k: round(v, 3) for k, v in ratio.items()},
+        "goal_fused_over_naive_flops_at_most": 0.4,
+        "small_moge_train_step": {"preset": "small", "batch": args.batch, "seq_len": args.seq,
+                                  **step_times(small, args.batch, args.seq, args.iters)},
+        "machine": {"device": str(jax.devices()[0]), "jax": jax.__version__},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
