@@ -69,6 +69,12 @@ def module_params(module: nnx.Module) -> FlatParams:
             for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
 
 
+def module_state(module: nnx.Module) -> FlatParams:
+    """Every variable of the module (parameters and statistics such as batch-norm running means)."""
+    return {tuple(map(str, path)): variable.get_value()
+            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Variable))}
+
+
 def assign_params(module: nnx.Module, params: FlatParams, strict: bool = True) -> None:
     """Writes `params` into the module's Param variables (shapes and dtypes must match)."""
     state = nnx.state(module, nnx.Param)
@@ -178,13 +184,62 @@ def load_params(directory: str | os.PathLike, shardings: Optional[FlatParams] = 
     return flatten(restored)
 
 
+def read_graph_config(meta: dict):
+    """The GraphConfig of a full Omni-Mol checkpoint, or None for a plain language-model checkpoint."""
+    from omnimol_jax.config import GraphConfig
+
+    if meta.get("graph") is None:
+        return None
+    try:
+        return build_dataclass(GraphConfig, meta["graph"], prefix="graph")
+    except ConfigError as err:
+        raise CheckpointError(f"unreadable graph config in checkpoint metadata: {err}") from err
+
+
+def omnimol_constructor(model_config: ModelConfig, graph_config, seed: int = 0):
+    """A deterministic no-argument constructor of the full model (for abstract or sharded init)."""
+    from omnimol_jax.model.gin import GINConfig
+    from omnimol_jax.model.omnimol import OmniMolModel
+
+    gin = GINConfig(num_layers=graph_config.num_layers, hidden_size=graph_config.hidden_size)
+    return lambda: OmniMolModel(model_config, gin_config=gin, projector_type=graph_config.projector_type,
+                                rngs=nnx.Rngs(seed))
+
+
+def save_omnimol_checkpoint(directory: str | os.PathLike, model_config: ModelConfig, graph_config,
+                            model: nnx.Module, extra_metadata: Optional[dict] = None, overwrite: bool = False,
+                            assets_from: Optional[Path] = None) -> Path:
+    """A full Omni-Mol model (graph tower, projector, language model with adapters) as a model checkpoint."""
+    params = module_state(model)
+    with atomic_directory(Path(directory), overwrite=overwrite) as tmp:
+        save_params(tmp, params)
+        write_metadata(tmp, model_config, {"graph": dataclasses.asdict(graph_config), **(extra_metadata or {})})
+        if assets_from is not None and Path(assets_from).is_dir():
+            shutil.copytree(assets_from, tmp / ASSETS_DIR)
+    return Path(directory)
+
+
+def load_omnimol(directory: str | os.PathLike, mesh: Optional[jax.sharding.Mesh] = None):
+    """(OmniMolModel with the checkpoint's weights, metadata dict); sharded over `mesh` when given."""
+    model_config, meta = read_metadata(directory)
+    graph_config = read_graph_config(meta)
+    if graph_config is None:
+        raise CheckpointError(f"{directory}: a language-model-only checkpoint (no graph tower); use load_llama")
+    return _load_module(directory, omnimol_constructor(model_config, graph_config), mesh), meta
+
+
 def load_llama(directory: str | os.PathLike, mesh: Optional[jax.sharding.Mesh] = None):
     """A LlamaForCausalLM with the checkpoint's weights, sharded over `mesh` when given."""
     from omnimol_jax.model.llama import LlamaForCausalLM
-    from omnimol_jax.sharding import state_shardings
 
     model_config, _ = read_metadata(directory)
-    abstract = nnx.eval_shape(lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(0)))
+    return _load_module(directory, lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(0)), mesh)
+
+
+def _load_module(directory: str | os.PathLike, constructor, mesh: Optional[jax.sharding.Mesh]):
+    from omnimol_jax.sharding import state_shardings
+
+    abstract = nnx.eval_shape(constructor)
     graphdef, abstract_state = nnx.split(abstract)
     shardings = None
     if mesh is not None:

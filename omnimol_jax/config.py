@@ -170,6 +170,21 @@ class ModelConfig:
                      f"'{self.moge.layers}' selects no layer of {self.num_layers}")
 
 
+@dataclasses.dataclass(frozen=True)
+class GraphConfig:
+    """The molecule side: RDKit features, the MoleculeSTM GIN (frozen) and the projector into the LLM."""
+
+    # omnimol: 2 atom + 2 bond features (what the released checkpoints saw); ogb: all 9 + 3.
+    feature_mode: Literal["omnimol", "ogb"] = "omnimol"
+    num_layers: int = 5
+    hidden_size: int = 300
+    projector_type: Literal["linear", "mlp2x_silu"] = "linear"
+
+    def validate(self) -> None:
+        _require(self.num_layers >= 1, "graph.num_layers", f"must be >= 1, got {self.num_layers}")
+        _require(self.hidden_size >= 1, "graph.hidden_size", f"must be >= 1, got {self.hidden_size}")
+
+
 @dataclasses.dataclass
 class MeshConfig:
     """Device mesh axis sizes; -1 means 'all remaining devices' (at most one axis may say so)."""
@@ -192,6 +207,7 @@ class Config:
     """The whole run configuration."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    graph: GraphConfig = dataclasses.field(default_factory=GraphConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     seed: int = 0
     run_name: str = "omnimol"
