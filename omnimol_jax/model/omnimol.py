@@ -49,7 +49,11 @@ class OmniMolModel(nnx.Module):
     def __call__(self, input_ids: jax.Array, graphs: Optional[GraphBatch] = None, *,
                  positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 return_hidden_states: bool = False, validate_graph_slots: bool = False) -> CausalLMOutput:
+                 return_hidden_states: bool = False, validate_graph_slots: bool = False,
+                 dropout_rng: Optional[jax.Array] = None, task_ids: Optional[jax.Array] = None,
+                 num_tasks: int = 0) -> CausalLMOutput:
+        """See LlamaForCausalLM.__call__; `graphs` fills the graph-token slots of `input_ids`."""
         inputs_embeds = self.embed_inputs(input_ids, graphs, validate_graph_slots=validate_graph_slots)
         return self.language_model(inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
-                                   segment_ids=segment_ids, cache=cache, return_hidden_states=return_hidden_states)
+                                   segment_ids=segment_ids, cache=cache, return_hidden_states=return_hidden_states,
+                                   dropout_rng=dropout_rng, task_ids=task_ids, num_tasks=num_tasks)
