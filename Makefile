@@ -29,7 +29,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --run-slow $(PYTEST_ARGS) tests
 
 bench: $(STAMP)
-	$(PY) benchmarks/forward.py
+	$(PIP) install --quiet -e ".[test,bench]"
+	for b in forward moge train_step generate featurize pipeline convert_memory; do $(PY) benchmarks/$$b.py; done
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -34,6 +34,8 @@ setup(
     extras_require={
         # torch is only for parity tests/benchmarks; this exact pin resolves to the local CPU wheel.
         "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "nltk>=3.8", "rouge-score>=0.1.2"],
+        # benchmarks/train_step.py compares against transformers + peft
+        "bench": ["peft>=0.12"],
     },
     entry_points={"console_scripts": ["omnimol=omnimol_jax.cli:main"]},
 )

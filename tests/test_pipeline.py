@@ -300,3 +300,15 @@ def test_generation_example_ends_at_the_assistant_header(data_dir, tokenizer):
     assert text.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     assert (example.input_ids == IMAGE_TOKEN_ID).sum() == example.graph.num_nodes
     assert example.reference == record["output"]
+
+
+def test_a_stream_in_which_nothing_fits_fails_with_the_reasons(data_dir, tokenizer):
+    from omnimol_jax.data.pipeline import NoUsableSamplesError
+
+    config = make_config(data_dir, tasks="weight/logp", seq_len=16, batch_size=2, max_consecutive_rejections=50)
+    iterator = Pipeline(config, tokenizer).iterator()
+    with pytest.raises(NoUsableSamplesError,
+                       match=r"the last 50 records were all rejected \((weight|logp)/too_long: \d+.*too_long.*"
+                             r"Check data.seq_len"):
+        next(iterator)
+    iterator.close()

@@ -311,3 +311,34 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = No
             st.write_checkpoint(tmp, planned, max_bytes, on_tensor=lambda _: bar.update())
         _copy_assets(checkpoint / ASSETS_DIR, tmp)
     return out
+
+
+def load_hf_weights(language_model, hf_dir: str | Path, progress: bool = True) -> ModelConfig:
+    """Loads a HF Llama folder's weights into an existing (possibly sharded) LlamaForCausalLM, tensor by tensor.
+
+    The folder's architecture must equal the model's (shape fields compared by name); adapters and other
+    non-HF parameters are left as they are. Returns the folder's ModelConfig.
+    """
+    hf_dir = Path(hf_dir)
+    hf_config = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
+    ours = language_model.config
+    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                    "head_dim", "tie_word_embeddings", "rope_type", "rope_theta", "rope_factor")
+    different = [f"{f}: model {getattr(ours, f)} vs {hf_dir} {getattr(hf_config, f)}" for f in shape_fields
+                 if getattr(ours, f) != getattr(hf_config, f)]
+    if different:
+        raise HFConversionError(f"{hf_dir} does not fit the configured model:\n  " + "\n  ".join(different))
+    try:
+        found = st.list_checkpoint_tensors(hf_dir)
+    except st.SafetensorsError as err:
+        raise HFConversionError(str(err)) from err
+    _check_tensors(hf_config, found, hf_dir)
+    from flax import nnx
+
+    variables = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(language_model, nnx.Param))}
+    for mapping in tqdm(tensor_table(ours), desc="load-hf", unit="tensor", disable=not progress):
+        variable = variables[mapping.path]
+        current = variable.get_value()
+        value = mapping.from_hf(st.load_tensor(found[mapping.hf_name])).astype(current.dtype, copy=False)
+        variable.set_value(jax.device_put(np.ascontiguousarray(value), current.sharding))
+    return hf_config

@@ -81,6 +81,9 @@ class DataConfig:
     process_index: Optional[int] = None  # None: jax.process_index()
     process_count: Optional[int] = None  # None: jax.process_count()
     molcap_drop_selfies_if_too_long: bool = True  # as the public code: retry molcap with the question only
+    # Fail (naming the reasons) after this many rejected records in a row, instead of cycling forever through
+    # a stream in which nothing fits (e.g. seq_len far too short).
+    max_consecutive_rejections: int = 5000
     max_logged_examples: int = 3  # first bad records logged per (task, reason)
 
     def validate(self) -> None:
@@ -394,20 +397,37 @@ class _AcceptedIterDataset(grain.IterDataset):
     """Drops rejected samples; their descriptions ride on the next accepted sample (key 'rejections'), so they
     are counted exactly once, when the batch holding that sample is consumed."""
 
+    def __init__(self, parent: grain.IterDataset, max_consecutive_rejections: int):
+        super().__init__(parent)
+        self._max_consecutive_rejections = max_consecutive_rejections
+
     def __iter__(self) -> "_AcceptedIterator":
-        return _AcceptedIterator(self._parent.__iter__())
+        return _AcceptedIterator(self._parent.__iter__(), self._max_consecutive_rejections)
+
+
+class NoUsableSamplesError(RuntimeError):
+    """Every record in a long run was rejected: the data or the limits (seq_len, atom budget) are wrong."""
 
 
 class _AcceptedIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, max_consecutive_rejections: int = 5000):
         super().__init__(parent)
         self._pending: list[list] = []
+        self._max_consecutive_rejections = max_consecutive_rejections
 
     def __next__(self) -> dict:
         while True:
             element = next(self._parent)
             if "_rejected" in element:
                 self._pending.append(list(element["_rejected"]))
+                if len(self._pending) >= self._max_consecutive_rejections:
+                    reasons = collections.Counter((r[0], r[1]) for r in self._pending)
+                    example = self._pending[-1]
+                    raise NoUsableSamplesError(
+                        f"the last {len(self._pending)} records were all rejected "
+                        f"({', '.join(f'{task}/{reason}: {n}' for (task, reason), n in reasons.most_common(6))}); "
+                        f"e.g. {example[4]}. Check data.seq_len, "
+                        "data.nodes_per_row and the data files.")
                 continue
             element = dict(element)
             element["rejections"] = self._pending
@@ -939,7 +959,7 @@ class Pipeline:
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             iterable = iterable.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
-        return _AcceptedIterDataset(iterable)
+        return _AcceptedIterDataset(iterable, config.max_consecutive_rejections)
 
     def _build(self) -> grain.IterDataset:
         config = self.config

@@ -1,0 +1,1 @@
+"""Training: `omnimol train` (stage 1 projector alignment, stage 2 MoGE SFT)."""
