@@ -1,0 +1,165 @@
+"""End to end: a tiny random Omni-Mol checkpoint with the built-in corpus tokenizer, `omnimol eval` on a few
+test records (outputs, report, resume) and `omnimol generate` (greedy, beams, constrained)."""
+import argparse
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import selfies
+from rdkit import Chem
+
+from omnimol_jax import eval_cli
+from omnimol_jax.checkpoint import omnimol_constructor, save_omnimol_checkpoint
+from omnimol_jax.config import GraphConfig, model_config_from_preset
+from omnimol_jax.data.corpus import CorpusConfig, build_corpus
+from omnimol_jax.data.tokenizer import load_chat_tokenizer
+from omnimol_jax.inference import Generator
+
+pytestmark = pytest.mark.xdist_group("eval_cli")  # module fixtures: keep the module on one worker
+
+TASKS = ("logp", "iupac", "molediting", "dqa")  # number-in-text, text->molecule, graph->molecule, caption
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(out, CorpusConfig(size=10, test_fraction=0.3, tasks=TASKS, tokenizer_vocab_size=300))
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(corpus, tmp_path_factory):
+    tokenizer = load_chat_tokenizer(corpus / "tokenizer")
+    config = dataclasses.replace(model_config_from_preset("tiny", vocab_size=tokenizer.vocab_size,
+                                                          initializer_range=0.3),
+                                 bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eot_id,
+                                 pad_token_id=tokenizer.pad_id)
+    graph = GraphConfig(num_layers=2, hidden_size=32)
+    model = omnimol_constructor(config, graph, seed=4)()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_omnimol_checkpoint(path, config, graph, model, assets_from=corpus / "tokenizer")
+    return path
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="omnimol")
+    eval_cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.fixture
+def count_generated(monkeypatch):
+    """Counts the prompts each generate call receives (the real generation still runs)."""
+    calls = []
+    original = Generator.generate
+
+    def counting(self, prompts, *args, **kwargs):
+        calls.append(len(prompts))
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "generate", counting)
+    return calls
+
+
+def test_eval_writes_predictions_and_report_and_resumes(corpus, checkpoint, tmp_path, count_generated, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(corpus), "--tasks", ",".join(TASKS),
+            "--out", str(out), "--batch-size", "2", "--max-new-tokens", "8", "--limit", "3", "--no-progress"]
+    assert _cli(argv) == 0
+    lines = (out / "predictions.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert len(records) == 3 * len(TASKS) and sum(count_generated) == len(records)
+    assert {r["task"] for r in records} == set(TASKS)
+    for record in records:
+        assert record["id"].startswith(record["task"] + "/") and isinstance(record["prediction"], str)
+        assert 1 <= record["num_tokens"] <= 8 and "reference" in record
+    for task in TASKS:
+        payload = json.loads((out / "metrics" / f"{task}.json").read_text())
+        assert set(payload["protocols"]) == {"reference", "strict"}
+        assert payload["protocols"]["strict"]["n"] == 3
+    table = (out / "metrics.md").read_text()
+    assert all(f"| {task} |" in table for task in TASKS) and table in capsys.readouterr().out
+    assert (out / "summary.png").stat().st_size > 0
+    assert json.loads((out / "skipped.json").read_text()) == []
+
+    # Finished: a rerun generates nothing and reproduces the predictions.
+    count_generated.clear()
+    assert _cli(argv) == 0
+    assert count_generated == [] and (out / "predictions.jsonl").read_text().splitlines() == lines
+
+    # Half finished (the last records lost, the final line cut mid-write): only the missing ones are generated,
+    # and greedy decoding gives them the same predictions again.
+    (out / "predictions.jsonl").write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])
+    assert _cli(argv) == 0
+    assert sum(count_generated) == 3
+    resumed = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    resumed = {r["id"]: r for r in resumed}
+    assert resumed == {r["id"]: r for r in records}
+
+    # Different decoding settings refuse to mix with the stored predictions.
+    assert _cli(argv[:-1] + ["--beams", "2", "--no-progress"]) == 1
+    assert "different settings" in capsys.readouterr().err
+
+
+def test_eval_skips_bad_records_and_names_them(corpus, checkpoint, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    records = json.loads((corpus / "logp.json").read_text())
+    tests = [r for r in records if r["metadata"]["split"] == "test"][:2]
+    bad = dict(tests[0], input="[C][C][Xx]")  # an unknown SELFIES symbol: no molecule, no graph
+    (data / "logp.json").write_text(json.dumps(tests[:1] + [bad] + tests[1:]))
+    out = tmp_path / "eval"
+    assert _cli(["eval", "--checkpoint", str(checkpoint), "--data", str(data), "--out", str(out),
+                 "--batch-size", "2", "--max-new-tokens", "8", "--no-progress"]) == 0
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [(s["id"], s["record"], s["file"]) for s in skipped] == [("logp/1", 1, str(data / "logp.json"))]
+    assert json.loads((out / "metrics" / "logp.json").read_text())["protocols"]["strict"]["n"] == 2
+
+
+def test_eval_with_beams_reports_topk_and_constrained_molecules(corpus, checkpoint, tmp_path):
+    out = tmp_path / "beams"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(corpus), "--tasks", "iupac,molediting",
+            "--out", str(out), "--batch-size", "3", "--max-new-tokens", "10", "--limit", "3", "--no-progress",
+            "--beams", "3", "--constrained", "--protocol", "strict"]
+    assert _cli(argv) == 0
+    records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    for record in records:
+        assert len(record["predictions"]) == 3 and record["prediction"] == record["predictions"][0]
+        assert record["scores"] == sorted(record["scores"], reverse=True)
+        for answer in record["predictions"]:
+            mol = Chem.MolFromSmiles(selfies.decoder(answer))
+            assert mol is not None and mol.GetNumAtoms() > 0, answer
+    metrics = json.loads((out / "metrics" / "iupac.json").read_text())["protocols"]
+    assert set(metrics) == {"strict"} and metrics["strict"]["validity"] == 1.0
+    assert {"top1_exact_match", "top3_exact_match"} <= set(metrics["strict"])
+    assert metrics["strict"]["top1_exact_match"] <= metrics["strict"]["top3_exact_match"]
+
+
+def test_generate_prints_answers(checkpoint, capsys):
+    base = ["generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "6"]
+    assert _cli(base + ["--task", "logp", "--input", "[C][C][O]"]) == 0
+    greedy = capsys.readouterr().out
+    assert _cli(base + ["--task", "logp", "--input", "[C][C][O]", "--greedy"]) == 0
+    assert capsys.readouterr().out == greedy  # deterministic
+    assert _cli(base + ["--task", "iupac", "--input", "ethanol", "--beams", "2", "--constrained"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    scores = [float(line.split("\t")[0]) for line in lines]
+    assert scores[0] >= scores[1]
+    for line in lines:
+        assert Chem.MolFromSmiles(selfies.decoder(line.split("\t", 1)[1])) is not None
+    assert _cli(base + ["--task", "molediting", "--input", "[C][C][O]"]) == 1  # needs an instruction
+    assert "--instruction" in capsys.readouterr().err
+    assert _cli(base + ["--task", "logp", "--input", "not a molecule"]) == 1
+    assert "not a molecule" in capsys.readouterr().err
+    assert _cli(base + ["--task", "logp", "--input", "[C]", "--temperature", "0"]) == 1
+
+
+def test_record_seeds_are_stable_and_distinct():
+    seeds = [eval_cli.record_seed(0, f"forward/{i}") for i in range(100)]
+    assert len(set(seeds)) == 100 and seeds == [eval_cli.record_seed(0, f"forward/{i}") for i in range(100)]
+    assert eval_cli.record_seed(1, "forward/0") != seeds[0]
+    assert all(0 <= s < 2 ** 31 for s in seeds)
+    assert np.array_equal(seeds, [eval_cli.record_seed(0, f"forward/{i}") for i in range(100)])
