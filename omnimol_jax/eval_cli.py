@@ -386,6 +386,49 @@ def evaluate_predictions(store, task_ids: dict[str, list[str]], protocols: Seque
     return results
 
 
+BASELINE_SUFFIX = " (train-mean baseline)"
+
+
+def train_mean_baselines(results: dict, store, task_ids: dict[str, list[str]], data_dir: str, layout: str,
+                         protocols: Sequence[str], tokenize_fn) -> dict:
+    """For number-output tasks, the metrics of always answering the training split's mean (per homolumo
+    property), scored on the same test records: the bar a model must clear to have learned anything."""
+    from omnimol_jax.data import readers
+    from omnimol_jax.data.tasks import OUTPUT_NUMBER, OUTPUT_NUMBER_IN_TEXT, get_task
+    from omnimol_jax.eval import compute_metrics_from_records
+    from omnimol_jax.eval.number_metrics import homolumo_property, number_in_text_parser
+
+    baselines = {}
+    for task in results:
+        if get_task(task).output_type not in (OUTPUT_NUMBER, OUTPUT_NUMBER_IN_TEXT) or task == "yield":
+            continue
+        try:
+            train = readers.open_task(data_dir, task, "train", layout)
+        except (FileNotFoundError, KeyError):
+            continue
+        parse = number_in_text_parser(task, "strict")
+        values: dict[str, list[float]] = {}
+        for i in range(len(train)):
+            record = train[i]
+            value = parse(record.get("output"))
+            if value is not None:
+                key = homolumo_property(record.get("instruction", ""), str(i)) if task == "homolumo" else ""
+                values.setdefault(key, []).append(value)
+        if not values:
+            continue
+        means = {key: sum(v) / len(v) for key, v in values.items()}
+        records = []
+        for record in store.for_task(task, order=[i for i in task_ids[task] if i in store]):
+            key = homolumo_property(record.get("instruction", ""), record["id"]) if task == "homolumo" else ""
+            if key in means:
+                records.append(dict(record, prediction=f"{means[key]:.6g}", predictions=None))
+        if records:
+            baselines[task + BASELINE_SUFFIX] = compute_metrics_from_records(
+                task, [{k: v for k, v in r.items() if k != "predictions"} for r in records], protocols,
+                tokenize_fn=tokenize_fn)
+    return baselines
+
+
 def run_eval(args: argparse.Namespace) -> int:
     try:
         return _run_eval(args)
@@ -483,6 +526,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     results = evaluate_predictions(store, task_ids, protocols, tokenize_fn, config.num_beams)
     if not results:
         raise EvalError("no predictions to score (every record was skipped; see skipped.json)")
+    results.update(train_mean_baselines(results, store, task_ids, args.data, args.layout, protocols, tokenize_fn))
     paths = write_report(results, out_dir)
     print(paths["markdown"].read_text(), end="")
     print(f"report: {paths['markdown']}, {paths['png']}, {out_dir / 'metrics'}/; predictions: {store.path}"

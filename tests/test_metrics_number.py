@@ -31,8 +31,9 @@ def test_negative_logp_and_unparseable_predictions():
     # reference: unsigned -> |1.5-1.5|, |2-2|, skipped, |0.5-0.5| -> MAE 0 over 3 records
     assert both["reference"]["mae"] == 0.0
     assert (both["reference"]["n_valid"], both["reference"]["n_failed"]) == (3, 1)
-    # strict: signed -> |-1.5-1.5| = 3, |2-(-2)| = 4, failure -> mean of references (-0.075): |0.7+0.075|, 0
-    assert both["strict"]["mae"] == pytest.approx((3 + 4 + 0.775 + 0) / 4)
+    # strict: signed -> |-1.5-1.5| = 3, |2-(-2)| = 4, failure -> mean of the OTHER references
+    # (1.5 - 2.0 - 0.5) / 3 = -1/3: |0.7 + 1/3|, then 0
+    assert both["strict"]["mae"] == pytest.approx((3 + 4 + (0.7 + 1 / 3) + 0) / 4)
     assert both["strict"]["n_failed"] == 1
 
 
@@ -64,10 +65,10 @@ def test_homolumo_per_property_and_overall():
     ref = both["reference"]
     assert ref["mae_homo"] == pytest.approx(0.035) and ref["mae_lumo"] == pytest.approx(0.03)
     assert ref["mae_gap"] == pytest.approx(0.02) and ref["mae"] == pytest.approx(0.12 / 4)
-    # strict: the failed LUMO answer becomes the LUMO reference mean 0.03 -> error 0.02
+    # strict: the failed LUMO answer becomes the other LUMO reference, 0.05 -> error |0.01 - 0.05| = 0.04
     strict = both["strict"]
-    assert strict["mae_homo"] == pytest.approx(0.035) and strict["mae_lumo"] == pytest.approx(0.025)
-    assert strict["mae_gap"] == pytest.approx(0.02) and strict["mae"] == pytest.approx(0.14 / 5)
+    assert strict["mae_homo"] == pytest.approx(0.035) and strict["mae_lumo"] == pytest.approx(0.035)
+    assert strict["mae_gap"] == pytest.approx(0.02) and strict["mae"] == pytest.approx(0.16 / 5)
     assert (strict["n"], strict["n_valid"], strict["n_failed"]) == (5, 4, 1)
     # explicit property labels give the same result
     groups = ["HOMO", "LUMO", "HOMO-LUMO gap", "homo", "lumo"]
@@ -94,10 +95,11 @@ def test_yield_r2_per_dataset():
     ref = both["reference"]
     assert ref["r2_BH"] == pytest.approx(0.5) and ref["r2_SM"] == pytest.approx(0.75)
     assert ref["r2"] == pytest.approx(0.625)
-    # strict BH: failure -> BH mean 30: pred = [10, 20, 30], y = [10, 30, 50]: 1 - 500/800
+    # strict BH: failure -> mean of the other BH references (10, 30) = 20: pred = [10, 20, 20],
+    # y = [10, 30, 50]: 1 - (0 + 100 + 900) / 800
     strict = both["strict"]
-    assert strict["r2_BH"] == pytest.approx(0.375) and strict["r2_SM"] == pytest.approx(0.75)
-    assert strict["r2"] == pytest.approx(0.5625)
+    assert strict["r2_BH"] == pytest.approx(-0.25) and strict["r2_SM"] == pytest.approx(0.75)
+    assert strict["r2"] == pytest.approx(0.25)
     # a single dataset (no groups): r2 only
     single = compute_task_metrics("yield", ["50", "70"], [40, 80], "strict")
     assert single["r2"] == pytest.approx(0.75) and "r2_SM" not in single

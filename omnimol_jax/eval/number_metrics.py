@@ -19,9 +19,8 @@ Output formats (from the public Omni-Mol data and code):
 
 Unparseable predictions: skipped in the reference protocol (valid-only denominators, as the public
 code does). In the strict protocol they stay in the denominator: the failed prediction is replaced by
-the mean of the references of its group (property / yield dataset), i.e. it is scored as a
-no-information constant guess; for R^2 such a record adds residual exactly like the constant
-predictor that defines R^2 = 0. A reference that does not parse is bad input: ValueError naming the
+the mean of the OTHER references of its group (property / yield dataset; leave-one-out, so the answer
+itself never leaks in), i.e. it is scored as a no-information constant guess. A reference that does not parse is bad input: ValueError naming the
 record, in both protocols.
 """
 from __future__ import annotations
@@ -119,9 +118,19 @@ def _paired_values(predictions: Sequence, references: Sequence, parser, protocol
     if protocol == PROTOCOL_REFERENCE:
         keep = [i for i, v in enumerate(parsed) if v is not None]
         return ([parsed[i] for i in keep], [targets[i] for i in keep], [groups[i] for i in keep], n_failed)
-    group_means = {g: float(np.mean([t for t, gg in zip(targets, groups) if gg == g])) for g in set(groups)}
-    filled = [v if v is not None else group_means[g] for v, g in zip(parsed, groups)]
+    # A failure scores as a no-information guess: the mean of the OTHER references of its group (else of all
+    # other references, else 0). Leaving the record out matters: with few records per group, the group mean
+    # would contain the answer itself.
+    filled = [v if v is not None else _leave_one_out_mean(targets, groups, i) for i, v in enumerate(parsed)]
     return filled, targets, list(groups), n_failed
+
+
+def _leave_one_out_mean(targets: Sequence[float], groups: Sequence[str], index: int) -> float:
+    same = [t for j, (t, g) in enumerate(zip(targets, groups)) if j != index and g == groups[index]]
+    if same:
+        return float(np.mean(same))
+    others = [t for j, t in enumerate(targets) if j != index]
+    return float(np.mean(others)) if others else 0.0
 
 
 def mean_absolute_error(predictions: Sequence[float], targets: Sequence[float]) -> float:

@@ -130,7 +130,7 @@ def _json_value(value: Any) -> Any:
 
 def task_metric_names(task: str, per_protocol: Mapping[str, Mapping[str, float]]) -> list[str]:
     """The task's metric-set columns, then any extra keys the results carry (e.g. r2_BH), sorted."""
-    base = list(METRIC_SETS[get_task(task).metric_set])
+    base = list(METRIC_SETS[get_task(base_task(task)).metric_set])
     extra = sorted({k for metrics in per_protocol.values() for k in metrics} - set(base) - set(COUNT_KEYS))
     return base + extra
 
@@ -139,7 +139,7 @@ def write_task_json(out_dir: str | os.PathLike, task: str, per_protocol: Mapping
     """<out_dir>/<task>.json: {"task", "metric_set", "protocols": {protocol: {metric: value}}}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    payload = {"task": task, "metric_set": get_task(task).metric_set,
+    payload = {"task": task, "metric_set": get_task(base_task(task)).metric_set,
                "protocols": {p: {k: _json_value(v) for k, v in m.items()} for p, m in per_protocol.items()}}
     path = out / f"{task}.json"
     path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
@@ -155,9 +155,17 @@ def _format(value: Optional[float]) -> str:
     return f"{value:.4f}" if magnitude >= 1e-3 or magnitude == 0 else f"{value:.2e}"
 
 
+def base_task(name: str) -> str:
+    """'weight (train-mean baseline)' -> 'weight': rows derived from a task share its metric set."""
+    return name.split(" (", 1)[0]
+
+
 def _ordered_tasks(results: Results) -> list[str]:
-    known = [t for t in TASK_KEYS if t in results]
-    return known + sorted(t for t in results if t not in TASK_KEYS)
+    ordered = []
+    for task in TASK_KEYS:  # registry order, each task followed by its derived rows (baselines)
+        ordered += [t for t in [task] + sorted(r for r in results if r != task and base_task(r) == task)
+                    if t in results]
+    return ordered + sorted(t for t in results if t not in ordered)
 
 
 def markdown_table(results: Results) -> str:
@@ -166,7 +174,7 @@ def markdown_table(results: Results) -> str:
     protocols = [p for p in PROTOCOLS if any(p in per for per in results.values())]
     by_set: dict[str, list[str]] = {}
     for task in _ordered_tasks(results):
-        by_set.setdefault(get_task(task).metric_set, []).append(task)
+        by_set.setdefault(get_task(base_task(task)).metric_set, []).append(task)
     header = " / ".join(protocols)
     sections = [f"# Evaluation results\n\nCells: {header}.\n"]
     for metric_set, tasks in by_set.items():
