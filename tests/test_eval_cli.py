@@ -84,6 +84,18 @@ def test_eval_writes_predictions_and_report_and_resumes(corpus, checkpoint, tmp_
     assert (out / "summary.png").stat().st_size > 0
     assert json.loads((out / "skipped.json").read_text()) == []
 
+    # The number task gets a train-mean baseline row, recomputed here from the corpus files.
+    import re
+    number = re.compile(r"-?\d+(?:\.\d+)?")
+    logp = json.loads((corpus / "logp.json").read_text())
+    train_values = [float(number.search(str(r["output"])).group()) for r in logp if r["metadata"]["split"] == "train"]
+    mean = float(f"{sum(train_values) / len(train_values):.6g}")
+    scored = [r for r in records if r["task"] == "logp"]
+    expected = sum(abs(float(number.search(str(r["reference"])).group()) - mean) for r in scored) / len(scored)
+    baseline = json.loads((out / "metrics" / "logp (train-mean baseline).json").read_text())
+    assert baseline["protocols"]["strict"]["mae"] == pytest.approx(expected, rel=1e-6)
+    assert "| logp (train-mean baseline) |" in table
+
     # Finished: a rerun generates nothing and reproduces the predictions.
     count_generated.clear()
     assert _cli(argv) == 0

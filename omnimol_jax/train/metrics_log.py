@@ -58,6 +58,7 @@ def plot_run(output_dir: Path, task_names: Sequence[str], expert_usage: Optional
     written = []
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=False)
     for ax, kind, title in ((axes[0], "train", "train loss per task"), (axes[1], "eval", "validation loss per task")):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 18 tasks: the default 10-colour cycle would repeat
         rows = [r for r in records if r["kind"] == kind]
         for name in task_names:
             key = f"task_loss/{name}"

@@ -205,6 +205,8 @@ class Trainer:
         window = _Window(self.num_tasks)
         expert_usage = None
         flops_per_step, peak, peak_source = 0.0, None, ""
+        if start_step == 0 and cfg.train.eval_every and logger_:
+            logger_.log(0, self.evaluate(state.trainable), kind="eval")  # where the validation curve starts
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                    disable=not self.progress or self.process_index != 0)
         try:
@@ -257,7 +259,8 @@ class Trainer:
                         break
                     if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
                         self.checkpoints.save(step, state, data, self._config_dict())
-                    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and logger_:
+                    if (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps
+                            and logger_):
                         logger_.log(step, self.evaluate(state.trainable), kind="eval")
                 self.checkpoints.save(step, state, data, self._config_dict(), force=True)
                 self.checkpoints.wait()
@@ -291,7 +294,10 @@ class Trainer:
     def evaluate(self, trainable) -> dict[str, float]:
         """Validation cross entropy (overall and per task) on up to train.eval_batches test batches."""
         cfg = self.config
-        eval_data = dataclasses.replace(cfg.data, split="test", shuffle=False, num_epochs=1, prefetch_batches=0)
+        # A fixed-seed shuffle: every evaluation sees the same batches, drawn from all tasks (the test stream
+        # itself is ordered task by task).
+        eval_data = dataclasses.replace(cfg.data, split="test", shuffle=True, seed=cfg.data.seed + 1, num_epochs=1,
+                                        prefetch_batches=0)
         try:
             pipeline = Pipeline(eval_data, tokenizer=self.pipeline.tokenizer)
         except (ValueError, FileNotFoundError, KeyError) as err:
