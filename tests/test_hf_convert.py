@@ -158,3 +158,33 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     (tmp_path / "hf" / "config.json").unlink()
     assert cli_main(["import-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt2")]) == 1
     assert "config.json is missing" in capsys.readouterr().err
+
+
+def test_load_hf_weights_into_a_sharded_model_matches_the_import_path(tmp_path):
+    """`init.hf` in training: weights go straight from safetensors into (sharded) parameters."""
+    import jax
+    from flax import nnx
+
+    from omnimol_jax.config import MeshConfig
+    from omnimol_jax.convert.hf_llama import load_hf_weights
+    from omnimol_jax.model.llama import LlamaForCausalLM
+    from omnimol_jax.sharding import build_mesh, create_sharded_model
+
+    hf_dir = make_hf_folder(tmp_path / "hf", tied=False, rope=LLAMA3_ROPE)
+    imported = load_llama(import_hf(hf_dir, tmp_path / "ckpt", progress=False))
+    config = imported.config
+    mesh = build_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    model = create_sharded_model(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(9)), mesh)
+    load_hf_weights(model, hf_dir, progress=False)
+    q = model.layers[0].self_attn.q_proj.kernel.get_value()
+    assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, TINY_HF["vocab_size"], (2, 40)))
+    from omnimol_jax.checkpoint import module_params
+    loaded, reference = module_params(model), module_params(imported)
+    for key in reference:  # the same numbers, bit for bit, just laid out over the mesh
+        np.testing.assert_array_equal(np.asarray(loaded[key]), np.asarray(reference[key]), err_msg=str(key))
+    assert np.abs(np.asarray(model(ids).logits) - np.asarray(imported(ids).logits)).max() <= 1e-5
+    # a folder of another shape is refused, naming the differences
+    other = make_hf_folder(tmp_path / "other", tied=True)
+    with pytest.raises(HFConversionError, match="tie_word_embeddings: model False"):
+        load_hf_weights(model, other, progress=False)
