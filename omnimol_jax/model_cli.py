@@ -17,9 +17,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from omnimol_jax.config import CONFIG_DIR, load_config
+    """The resolved config, or None after printing what is wrong with it."""
+    from omnimol_jax.config import CONFIG_DIR, ConfigError, load_config
 
-    return load_config(args.config or CONFIG_DIR / "base.yaml", args.overrides)
+    try:
+        return load_config(args.config or CONFIG_DIR / "base.yaml", args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return None
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -48,13 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _info(args) -> int:
-    from omnimol_jax.config import ConfigError
     from omnimol_jax.model.llama import count_parameters
 
-    try:
-        config = _load(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return 1
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
     print(f"# parameters: {count_parameters(config.model):,}")
@@ -78,14 +80,11 @@ def _init(args) -> int:
     from flax import nnx
 
     from omnimol_jax.checkpoint import module_params, save_model_checkpoint
-    from omnimol_jax.config import ConfigError
     from omnimol_jax.model.llama import LlamaForCausalLM
     from omnimol_jax.sharding import build_mesh, create_sharded_model
 
-    try:
-        config = _load(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return 1
     mesh = build_mesh(config.mesh)
     model = create_sharded_model(lambda: LlamaForCausalLM(config.model, rngs=nnx.Rngs(config.seed)), mesh)
