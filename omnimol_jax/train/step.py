@@ -19,6 +19,8 @@ from flax import nnx
 from omnimol_jax.constants import IGNORE_INDEX
 
 Flat = dict[str, jax.Array]
+# optax.tree.norm replaces the deprecated optax.global_norm (older optax has only the latter)
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 BATCH_ARRAY_KEYS = ("input_ids", "labels", "positions", "segment_ids", "attention_mask", "token_task_ids")
 
 
@@ -131,7 +133,7 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
         (grads, objective), stats = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
                                                  (micro_batches, jnp.arange(num_micro)))
-        grad_norm = optax.global_norm(grads)
+        grad_norm = _global_norm(grads)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.trainable)
         new_trainable = optax.apply_updates(state.trainable, updates)
