@@ -214,15 +214,26 @@ def plot_summary(results: Results, path: str | os.PathLike) -> Path:
         names = task_metric_names(task, per)
         present = [p for p in PROTOCOLS if p in per]
         width = 0.8 / max(1, len(present))
+        # Edit distances and MAEs are unbounded; next to 0-1 scores they go on their own (hatched, right) axis
+        # so that the scores stay readable.
+        unbounded = {i for i, name in enumerate(names) if "levenshtein" in name or name.startswith("mae")}
+        right = axis.twinx() if unbounded and len(unbounded) < len(names) else None
         for k, protocol in enumerate(present):
             raw = [per[protocol].get(name) for name in names]
             missing = [v is None or not math.isfinite(v) for v in raw]
             values = [0.0 if gone else v for v, gone in zip(raw, missing)]
             positions = [i + (k - (len(present) - 1) / 2) * width for i in range(len(names))]
-            axis.bar(positions, values, width=width, label=protocol, color=colors.get(protocol))
+            for i, (x, value) in enumerate(zip(positions, values)):
+                target = right if right is not None and i in unbounded else axis
+                target.bar([x], [value], width=width, label=protocol if i == 0 else None,
+                           color=colors.get(protocol), hatch="//" if target is right else None)
             for x, gone in zip(positions, missing):
                 if gone:  # nothing to average (e.g. no valid prediction): say so instead of a 0 bar
                     axis.text(x, 0, "n/a", ha="center", va="bottom", fontsize=6, rotation=90)
+        if right is not None:
+            axis.set_ylim(0, 1.05)
+            right.set_ylabel(" / ".join(names[i] for i in sorted(unbounded)) + " (hatched)", fontsize=7)
+            right.tick_params(axis="y", labelsize=7)
         axis.set_title(f"{task} (n={_format(next(iter(per.values())).get('n'))})", fontsize=9)
         axis.set_xticks(range(len(names)))
         axis.set_xticklabels(names, rotation=45, ha="right", fontsize=7)
