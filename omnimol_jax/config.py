@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -223,6 +224,9 @@ class TrainConfig:
     """The optimisation recipe (SPEC.md section 4) and the run's bookkeeping."""
 
     stage: int = 2                       # 1: projector alignment (only the projector trains); 2: MoGE SFT
+    # Regexes over '/'-joined parameter paths that train on top of the stage's set (e.g. ["language_model",
+    # "graph_tower"] for a from-scratch model). Empty = the paper's recipe: the backbone stays frozen.
+    unfreeze: list[str] = dataclasses.field(default_factory=list)
     output_dir: str = "runs/omnimol"
     max_steps: int = 1000                # optimizer steps
     learning_rate: float = 8e-5
@@ -248,6 +252,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         _require(self.stage in (1, 2), "train.stage", f"must be 1 or 2, got {self.stage}")
+        for pattern in self.unfreeze:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"train.unfreeze: {pattern!r} is not a regular expression ({err})") from None
         _require(self.max_steps >= 1, "train.max_steps", f"must be >= 1, got {self.max_steps}")
         _require(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")

@@ -180,3 +180,30 @@ def test_stage1_trains_only_the_projector(corpus, tmp_path):
     assert initial and all(k.startswith("projector/") for k in initial)
     assert set(result.final_state.trainable) == set(initial)
     assert all(not np.array_equal(v, initial[k]) for k, v in trainable(result).items())
+
+
+def test_unfreeze_trains_the_matching_backbone_parameters(corpus, tmp_path):
+    config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", max_steps=2,
+                          unfreeze=["language_model/model/(embed_tokens|norm)"])
+    trainer = Trainer(load_config(config), progress=False)
+    initial = {k: np.asarray(v) for k, v in trainer.initial_trainable.items()}
+    frozen_paths = {"/".join(map(str, p)) for p, _ in __import__("flax").nnx.to_flat_state(trainer.frozen)}
+    result = trainer.run()
+    unfrozen = {k for k in initial if k.startswith("language_model/model/")}
+    assert {k.split("/")[2] for k in unfrozen} == {"embed_tokens", "norm"}
+    assert not any(p.startswith(("language_model/model/embed_tokens", "language_model/model/norm/"))
+                   for p in frozen_paths)
+    assert any(p.startswith("language_model/model/layers") for p in frozen_paths)  # the rest stays frozen
+    changed = trainable(result)
+    assert all(not np.array_equal(changed[k], initial[k]) for k in unfrozen)
+    with pytest.raises(ConfigError, match="train.unfreeze"):
+        load_config(config, ["train.unfreeze=[(]"])
+
+
+def test_profile_steps_write_a_trace_of_the_requested_steps(corpus, tmp_path):
+    config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", max_steps=3, profile_steps="1:3")
+    messages: list[str] = []
+    run(config, messages=messages)
+    traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert any("profile of steps 1..2" in m for m in messages)

@@ -91,7 +91,7 @@ class Trainer:
         constructor = model_ckpt.omnimol_constructor(cfg.model, cfg.graph, seed=cfg.seed)
         model = create_sharded_model(constructor, self.mesh)
         frozen_dir = self.output_dir / "frozen"
-        graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.stage), ...)
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.stage, cfg.train.unfreeze), ...)
         if (frozen_dir / model_ckpt.META_FILE).is_file():
             self.say(f"frozen weights from {frozen_dir} (written when this run started)")
             shardings = {tuple(map(str, p)): v.get_value().sharding for p, v in nnx.to_flat_state(frozen)}
@@ -101,7 +101,7 @@ class Trainer:
             model = nnx.merge(graphdef, trainable, frozen)
         else:
             self._initialise_weights(model)
-            graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.stage), ...)
+            graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.stage, cfg.train.unfreeze), ...)
         self.graphdef, self.frozen = graphdef, frozen
         self.layout = StateLayout.of(trainable)
         self.initial_trainable = flatten_state(trainable)
@@ -200,6 +200,7 @@ class Trainer:
         logger_ = MetricLogger(self.output_dir, self.task_names) if self.process_index == 0 else None
         previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         profile = cfg.train.profile_range()
+        tracing = False
         losses: list[float] = []
         stopped_by, step = "max_steps", start_step
         window = _Window(self.num_tasks)
@@ -224,13 +225,15 @@ class Trainer:
                                  f"({flops_per_step / 1e9:.2f} GFLOP per step and device)")
                     if profile and step == profile[0]:
                         jax.profiler.start_trace(str(self.output_dir / "profile"))
+                        tracing = True
                     started = time.perf_counter()
                     state, metrics = train_step(state, self.frozen, batch)
                     metrics = jax.device_get(metrics)
                     elapsed = time.perf_counter() - started
                     step += 1
-                    if profile and step == profile[1]:
+                    if tracing and step == profile[1]:
                         jax.profiler.stop_trace()
+                        tracing = False
                         self.say(f"profile of steps {profile[0]}..{profile[1] - 1} in {self.output_dir / 'profile'}")
                     real_tokens = int(sum(np.asarray(b["attention_mask"]).sum() for b in micro))
                     window.add(metrics, real_tokens, elapsed)
@@ -270,6 +273,8 @@ class Trainer:
                     if cfg.train.export_final and self.process_index == 0:
                         self.export(state, self.output_dir / "final")
         finally:
+            if tracing:  # stopped (signal, NaNs, until_step) inside the profiled range: keep what was traced
+                jax.profiler.stop_trace()
             bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
