@@ -44,6 +44,15 @@ def test_every_selfies_symbol_is_one_token(chat):
     assert chat.decode(chat.encode(sentence)) == sentence
 
 
+def test_numbers_are_split_into_single_digits_and_round_trip(chat):
+    text = "The molecular weight of this molecule is 572.56 g/mol, logP -1.234"
+    ids = chat.encode(text)
+    tokens = [chat.decode([i]) for i in ids]
+    assert tokens[tokens.index("5"):][:6] == ["5", "7", "2", ".", "5", "6"]
+    assert all(len(t) == 1 for t in tokens if any(c.isdigit() for c in t))
+    assert chat.decode(ids) == text
+
+
 def test_hf_folder_loads_with_autotokenizer(tokenizer_dir, chat):
     from transformers import AutoTokenizer
 

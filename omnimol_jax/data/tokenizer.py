@@ -43,6 +43,11 @@ LLAMA3_SPECIAL_TOKENS: tuple[str, ...] = (
 # The pre-tokenizer split of Llama 3's tokenizer.json.
 LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# The built-in tokenizer's split: Llama 3's, but every digit on its own (as Llama 1/2 and PaLM split numbers).
+# A small BPE on a small corpus would otherwise merge only the frequent digit groups, so the same value
+# could come out as "2","55" or "25","5", and a small model would have to learn numbers through ~1000
+# unordered group tokens; digit by digit, every number is a sequence of 10-way choices.
+BUILTIN_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 SELFIES_SYMBOL_RE = re.compile(r"\[[^\[\]]+\]")
 
 CHAT_TEMPLATE = (
@@ -204,11 +209,11 @@ def default_selfies_symbols() -> list[str]:
 
 def build_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096,
                         selfies_symbols: Sequence[str] = ()) -> tokenizers.Tokenizer:
-    """Trains a byte-level BPE (llama3 pre-tokenizer split) on `texts` with SELFIES symbols removed, then adds
-    every SELFIES symbol as one token; special tokens get ids 0..10 in llama3 order."""
+    """Trains a byte-level BPE (llama3 pre-tokenizer split, single digits) on `texts` with SELFIES symbols
+    removed, then adds every SELFIES symbol as one token; special tokens get ids 0..10 in llama3 order."""
     tokenizer = tokenizers.Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(LLAMA3_SPLIT_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.Split(Regex(BUILTIN_SPLIT_PATTERN), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     tokenizer.decoder = decoders.ByteLevel()
