@@ -98,12 +98,47 @@ def assign_params(module: nnx.Module, params: FlatParams, strict: bool = True) -
                               + (f"\n  wrong shape: {mismatched[:20]}" if mismatched else ""))
 
 
+def _sync_processes(name: str) -> None:
+    """A barrier across JAX processes (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def is_primary_process() -> bool:
+    return jax.process_index() == 0
+
+
 @contextlib.contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling directory that becomes `target` only if the block succeeds."""
+    """Yields a temporary sibling directory that becomes `target` only if the block succeeds.
+
+    With several JAX processes every process must enter (the Orbax writes inside are collective): the
+    temporary name is then fixed, process 0 creates and renames it, and barriers keep the others in step.
+    """
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
+    if jax.process_count() > 1:
+        tmp = target.parent / f".{target.name}.partial"
+        if is_primary_process():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _sync_processes(f"omnimol:atomic_directory:start:{target}")
+        try:
+            yield tmp
+            _sync_processes(f"omnimol:atomic_directory:written:{target}")
+            if is_primary_process():
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            _sync_processes(f"omnimol:atomic_directory:done:{target}")
+        except BaseException:
+            if is_primary_process():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
@@ -117,6 +152,8 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
 
 
 def write_metadata(directory: Path, model_config: ModelConfig, extra: Optional[dict] = None) -> None:
+    if not is_primary_process():
+        return
     meta = {"format_version": FORMAT_VERSION, "model": dataclasses.asdict(model_config), **(extra or {})}
     (Path(directory) / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
@@ -214,7 +251,7 @@ def save_omnimol_checkpoint(directory: str | os.PathLike, model_config: ModelCon
     with atomic_directory(Path(directory), overwrite=overwrite) as tmp:
         save_params(tmp, params)
         write_metadata(tmp, model_config, {"graph": dataclasses.asdict(graph_config), **(extra_metadata or {})})
-        if assets_from is not None and Path(assets_from).is_dir():
+        if assets_from is not None and Path(assets_from).is_dir() and is_primary_process():
             shutil.copytree(assets_from, tmp / ASSETS_DIR)
     return Path(directory)
 

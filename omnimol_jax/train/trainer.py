@@ -164,8 +164,8 @@ class Trainer:
 
     def _save_frozen_once(self) -> None:
         frozen_dir = self.output_dir / "frozen"
-        if (frozen_dir / model_ckpt.META_FILE).is_file() or self.process_index != 0 and self.process_count > 1:
-            return
+        if (frozen_dir / model_ckpt.META_FILE).is_file():
+            return  # (every process saves: the Orbax write is collective)
         params = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(self.frozen)}
         model_ckpt.save_model_checkpoint(frozen_dir, self.config.model, params, overwrite=True,
                                          extra_metadata={"graph": dataclasses.asdict(self.config.graph),
@@ -206,8 +206,8 @@ class Trainer:
         window = _Window(self.num_tasks)
         expert_usage = None
         flops_per_step, peak, peak_source = 0.0, None, ""
-        if start_step == 0 and cfg.train.eval_every and logger_:
-            logger_.log(0, self.evaluate(state.trainable), kind="eval")  # where the validation curve starts
+        if start_step == 0 and cfg.train.eval_every:
+            self._log_eval(logger_, 0, state)  # where the validation curve starts
         bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
                    disable=not self.progress or self.process_index != 0)
         try:
@@ -262,15 +262,13 @@ class Trainer:
                         break
                     if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
                         self.checkpoints.save(step, state, data, self._config_dict())
-                    if (cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps
-                            and logger_):
-                        logger_.log(step, self.evaluate(state.trainable), kind="eval")
+                    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
+                        self._log_eval(logger_, step, state)
                 self.checkpoints.save(step, state, data, self._config_dict(), force=True)
                 self.checkpoints.wait()
                 if stopped_by == "max_steps":
-                    if logger_:
-                        logger_.log(step, self.evaluate(state.trainable), kind="eval")
-                    if cfg.train.export_final and self.process_index == 0:
+                    self._log_eval(logger_, step, state)
+                    if cfg.train.export_final:
                         self.export(state, self.output_dir / "final")
         finally:
             if tracing:  # stopped (signal, NaNs, until_step) inside the profiled range: keep what was traced
@@ -290,6 +288,12 @@ class Trainer:
                        if hasattr(data, "stats") else {}}
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return RunResult(step, stopped_by, step, self.output_dir, losses, final_state=state)
+
+    def _log_eval(self, logger_, step: int, state: TrainState) -> None:
+        # Every process evaluates (the jitted eval step is collective over the global mesh); process 0 logs.
+        scalars = self.evaluate(state.trainable)
+        if logger_:
+            logger_.log(step, scalars, kind="eval")
 
     def _config_dict(self) -> dict:
         return json.loads(json.dumps(self.config.to_dict(), default=str))
