@@ -103,6 +103,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="at most N test records per task (the first N)")
     p.add_argument("--restart", action="store_true", help="discard predictions already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mbr-samples", type=int, default=0, metavar="N",
+                   help="number tasks: draw N samples (at --temperature, default 1.0) and answer with the one "
+                        "closest to the others in absolute difference, the MAE-optimal choice (a median "
+                        "sample) instead of greedy's leading-digit mode; 0 = off")
     _add_decoding_args(p, default_max_new=512)
     p.set_defaults(func=run_eval)
 
@@ -303,6 +307,7 @@ def _group_of(task: str, record: dict) -> Optional[str]:
 
 def _settings(args: argparse.Namespace, session: InferenceSession, config) -> dict:
     return {"checkpoint": str(session.checkpoint.resolve()), "decoding": dataclasses.asdict(config),
+            "mbr_samples": getattr(args, "mbr_samples", 0),
             "constrained": bool(args.constrained), "double_bos": session.tokenizer.double_bos,
             "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None}
 
@@ -342,6 +347,30 @@ def _prediction_records(batch: list[PendingExample], out, session: InferenceSess
         if beams > 1:
             record["predictions"] = answers
             record["scores"] = [float(s) for s in out.scores[row]]
+        records.append(record)
+    return records
+
+
+def _mbr_prediction_records(batch: list[PendingExample], session: InferenceSession, config, samples: int,
+                            rows: int) -> list[dict]:
+    """N seeded samples per prompt, answered with their L1 medoid (see inference/mbr.py)."""
+    from omnimol_jax.inference.mbr import l1_medoid
+
+    expanded = [e for e in batch for _ in range(samples)]
+    out = session.generator.generate(
+        [e.input_ids for e in expanded], config, [e.graph for e in expanded], rows=rows,
+        row_seeds=[record_seed(config.seed, f"{e.record_id}#{k % samples}") for k, e in enumerate(expanded)],
+        record_ids=[e.record_id for e in expanded])
+    records = []
+    for i, example in enumerate(batch):
+        answers = [session.decode(out.answer_ids(i * samples + k, 0)) for k in range(samples)]
+        chosen = l1_medoid(answers)
+        record = {"id": example.record_id, "task": example.task, "prediction": answers[chosen or 0],
+                  "reference": example.reference, "instruction": example.record.get("instruction", ""),
+                  "decoding": f"mbr-{samples}", "samples": answers}
+        group = _group_of(example.task, example.record)
+        if group is not None:
+            record["group"] = group
         records.append(record)
     return records
 
@@ -450,6 +479,11 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise EvalError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise EvalError(f"--limit must be >= 1, got {args.limit}")
+    if args.mbr_samples < 0 or args.mbr_samples == 1:
+        raise EvalError(f"--mbr-samples must be 0 (off) or >= 2, got {args.mbr_samples}")
+    if args.mbr_samples and (args.beams > 1 or args.greedy):
+        raise EvalError("--mbr-samples samples: it excludes --beams and --greedy")
+    mbr_config = (dataclasses.replace(config, temperature=args.temperature or 1.0) if args.mbr_samples else None)
     task_keys = (readers.available_tasks(args.data, args.layout) if args.tasks.strip() == "all"
                  else [t.strip() for t in args.tasks.replace("/", ",").split(",") if t.strip()])
     for key in task_keys:
@@ -510,7 +544,13 @@ def _run_eval(args: argparse.Namespace) -> int:
                 continue
             pending.append(PendingExample(record_id, key, example.input_ids, example.graph, record["output"], record))
         bar.set_postfix_str(key)
+        mbr = mbr_config is not None and spec.output_type in (tasks.OUTPUT_NUMBER, tasks.OUTPUT_NUMBER_IN_TEXT)
         for batch in _batches(pending, args.batch_size):
+            if mbr:
+                store.append(_mbr_prediction_records(batch, session, mbr_config, args.mbr_samples,
+                                                     rows=args.batch_size * args.mbr_samples))
+                bar.update(len(batch))
+                continue
             out = session.generator.generate(
                 [e.input_ids for e in batch], config, [e.graph for e in batch], constrained=constrained,
                 rows=args.batch_size, row_seeds=[record_seed(config.seed, e.record_id) for e in batch],

@@ -149,6 +149,27 @@ def test_eval_with_beams_reports_topk_and_constrained_molecules(corpus, checkpoi
     assert metrics["strict"]["top1_exact_match"] <= metrics["strict"]["top3_exact_match"]
 
 
+def test_eval_mbr_answers_number_tasks_with_the_medoid_of_seeded_samples(corpus, checkpoint, tmp_path):
+    from omnimol_jax.inference.mbr import l1_medoid
+
+    out = tmp_path / "mbr"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(corpus), "--tasks", "logp,dqa", "--out", str(out),
+            "--batch-size", "2", "--max-new-tokens", "12", "--limit", "2", "--no-progress", "--mbr-samples", "4"]
+    assert _cli(argv) == 0
+    records = {r["id"]: r for r in map(json.loads, (out / "predictions.jsonl").read_text().splitlines())}
+    number = [r for r in records.values() if r["task"] == "logp"]
+    assert len(number) == 2 and all(r["decoding"] == "mbr-4" and len(r["samples"]) == 4 for r in number)
+    for record in number:
+        chosen = l1_medoid(record["samples"])
+        assert record["prediction"] == record["samples"][chosen if chosen is not None else 0]
+    assert all("samples" not in r for r in records.values() if r["task"] == "dqa")  # other tasks: as asked
+    # the samples are seeded per record: a second run reproduces them
+    again = tmp_path / "again"
+    assert _cli([a if a != str(out) else str(again) for a in argv]) == 0
+    assert (again / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+    assert _cli(argv[:-1] + ["1"]) == 1  # one sample is no choice: refused before anything loads
+
+
 def test_generate_prints_answers(checkpoint, capsys):
     base = ["generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "6"]
     assert _cli(base + ["--task", "logp", "--input", "[C][C][O]"]) == 0
