@@ -51,7 +51,7 @@ from omnimol_jax.data.tasks import MOLCAP_QUESTIONS, TASKS
 
 logger = logging.getLogger(__name__)
 
-CORPUS_VERSION = 1
+CORPUS_VERSION = 2  # 2: the tokenizer splits numbers into single digits
 BUILTIN_TASKS: tuple[str, ...] = (
     "forward", "retrosynthesis", "molediting", "homolumo", "weight", "logp", "tpsa", "complexity",
     "dqa", "molcap", "iupac", "textguidedmolgen",
