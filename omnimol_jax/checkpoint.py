@@ -63,39 +63,49 @@ def unflatten(flat: FlatParams) -> dict:
     return tree
 
 
+def flat_variables(state: nnx.State) -> dict[tuple[str, ...], nnx.Variable]:
+    """The variables of an nnx State keyed by string paths (checkpoint layout)."""
+    return {tuple(map(str, path)): variable for path, variable in nnx.to_flat_state(state)}
+
+
+def flat_values(state: nnx.State) -> FlatParams:
+    """The arrays of an nnx State keyed by string paths (checkpoint layout)."""
+    return {key: variable.get_value() for key, variable in flat_variables(state).items()}
+
+
 def module_params(module: nnx.Module) -> FlatParams:
     """The module's parameters keyed by string paths (checkpoint layout)."""
-    return {tuple(map(str, path)): variable.get_value()
-            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Param))}
+    return flat_values(nnx.state(module, nnx.Param))
 
 
 def module_state(module: nnx.Module) -> FlatParams:
     """Every variable of the module (parameters and statistics such as batch-norm running means)."""
-    return {tuple(map(str, path)): variable.get_value()
-            for path, variable in nnx.to_flat_state(nnx.state(module, nnx.Variable))}
+    return flat_values(nnx.state(module, nnx.Variable))
 
 
-def assign_params(module: nnx.Module, params: FlatParams, strict: bool = True) -> None:
-    """Writes `params` into the module's Param variables (shapes and dtypes must match)."""
-    state = nnx.state(module, nnx.Param)
-    missing, mismatched = [], []
-    for path, variable in nnx.to_flat_state(state):
-        key = tuple(map(str, path))
-        if key not in params:
-            missing.append("/".join(key))
+def assign_params(module: nnx.Module, params: FlatParams, strict: bool = True, kind: Any = nnx.Param) -> int:
+    """Writes `params` into the module's `kind` variables, each cast to the variable's dtype and placed with
+    its sharding; returns how many were written. Shapes must match; with `strict` so must the key sets."""
+    variables = flat_variables(nnx.state(module, kind))
+    missing = ["/".join(k) for k in variables if k not in params]
+    unexpected = ["/".join(k) for k in params if k not in variables]
+    mismatched, written = [], 0
+    for key, value in params.items():
+        variable = variables.get(key)
+        if variable is None:
             continue
-        value, current = params[key], variable.get_value()
+        current = variable.get_value()
         if tuple(value.shape) != tuple(current.shape):
             mismatched.append(f"{'/'.join(key)}: checkpoint {tuple(value.shape)} vs model {tuple(current.shape)}")
             continue
-        variable.set_value(jax.numpy.asarray(value, dtype=current.dtype))
-    known = {tuple(map(str, p)) for p, _ in nnx.to_flat_state(state)}
-    unexpected = ["/".join(k) for k in params if k not in known]
+        variable.set_value(jax.device_put(np.asarray(value, dtype=current.dtype), current.sharding))
+        written += 1
     if mismatched or (strict and (missing or unexpected)):
         raise CheckpointError("parameters do not match the model:"
                               + (f"\n  missing: {missing[:20]}" if missing else "")
                               + (f"\n  unexpected: {unexpected[:20]}" if unexpected else "")
                               + (f"\n  wrong shape: {mismatched[:20]}" if mismatched else ""))
+    return written
 
 
 def _sync_processes(name: str) -> None:
@@ -115,39 +125,33 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yields a temporary sibling directory that becomes `target` only if the block succeeds.
 
     With several JAX processes every process must enter (the Orbax writes inside are collective): the
-    temporary name is then fixed, process 0 creates and renames it, and barriers keep the others in step.
+    temporary name is then one all processes agree on, process 0 creates and renames it, and barriers keep
+    the others in step (in one process the barriers are no-ops and the name is unique).
     """
     target = Path(target)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists (pass --overwrite to replace it)")
+    primary = is_primary_process()
     if jax.process_count() > 1:
         tmp = target.parent / f".{target.name}.partial"
-        if is_primary_process():
+        if primary:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-        _sync_processes(f"omnimol:atomic_directory:start:{target}")
-        try:
-            yield tmp
-            _sync_processes(f"omnimol:atomic_directory:written:{target}")
-            if is_primary_process():
-                if target.exists():
-                    shutil.rmtree(target)
-                os.replace(tmp, target)
-            _sync_processes(f"omnimol:atomic_directory:done:{target}")
-        except BaseException:
-            if is_primary_process():
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    else:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    _sync_processes(f"omnimol:atomic_directory:start:{target}")
     try:
         yield tmp
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
+        _sync_processes(f"omnimol:atomic_directory:written:{target}")
+        if primary:
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        _sync_processes(f"omnimol:atomic_directory:done:{target}")
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -281,7 +285,7 @@ def _load_module(directory: str | os.PathLike, constructor, mesh: Optional[jax.s
     shardings = None
     if mesh is not None:
         sharded = state_shardings(abstract_state, mesh)
-        shardings = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(sharded)}
+        shardings = flat_values(sharded)
     params = load_params(directory, shardings)
     flat_state = nnx.to_flat_state(abstract_state)
     expected = {tuple(map(str, p)) for p, _ in flat_state}

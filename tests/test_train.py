@@ -206,3 +206,24 @@ def test_profile_steps_write_a_trace_of_the_requested_steps(corpus, tmp_path):
     traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert any("profile of steps 1..2" in m for m in messages)
+
+
+def test_stage2_starts_from_the_stage1_projector(corpus, tmp_path):
+    from omnimol_jax.checkpoint import load_params
+
+    stage1 = write_config(tmp_path / "stage1.yaml", corpus, tmp_path / "stage1", stage=1, max_steps=2,
+                          export_final=True)
+    run(stage1, "model.lora.enabled=false", "model.moge.enabled=false")
+    exported = {"/".join(k): v for k, v in load_params(tmp_path / "stage1" / "final").items()
+                if k[0] == "projector"}
+    stage2 = write_config(tmp_path / "stage2.yaml", corpus, tmp_path / "stage2", max_steps=1)
+    messages: list[str] = []
+    trainer = Trainer(load_config(stage2, [f"init.projector={tmp_path / 'stage1' / 'final'}"]), progress=False,
+                      log=messages.append)
+    start = {k: np.asarray(v) for k, v in trainer.initial_trainable.items() if k.startswith("projector/")}
+    assert exported and set(start) == set(exported)
+    for key, value in exported.items():
+        np.testing.assert_array_equal(start[key], value)
+    fresh = Trainer(load_config(stage2, [f"train.output_dir={tmp_path / 'fresh'}"]), progress=False, log=lambda m: None)
+    assert any(not np.array_equal(start[k], np.asarray(fresh.initial_trainable[k])) for k in start)
+    assert any(f"{len(exported)} variables from" in m for m in messages)

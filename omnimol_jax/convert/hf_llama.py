@@ -19,8 +19,8 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from omnimol_jax.checkpoint import (ASSETS_DIR, CheckpointError, FlatParams, atomic_directory, load_params,
-                                    params_metadata, read_metadata, save_params, write_metadata)
+from omnimol_jax.checkpoint import (ASSETS_DIR, CheckpointError, FlatParams, atomic_directory, flat_variables,
+                                    load_params, params_metadata, read_metadata, save_params, write_metadata)
 from omnimol_jax.config import ConfigError, ModelConfig
 from omnimol_jax.convert import safetensors_io as st
 
@@ -335,7 +335,7 @@ def load_hf_weights(language_model, hf_dir: str | Path, progress: bool = True) -
     _check_tensors(hf_config, found, hf_dir)
     from flax import nnx
 
-    variables = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(language_model, nnx.Param))}
+    variables = flat_variables(nnx.state(language_model, nnx.Param))
     for mapping in tqdm(tensor_table(ours), desc="load-hf", unit="tensor", disable=not progress):
         variable = variables[mapping.path]
         current = variable.get_value()

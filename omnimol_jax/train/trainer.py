@@ -80,7 +80,8 @@ class Trainer:
         steps = make_step_functions(self.graphdef, self.layout, self.tx, num_tasks=self.num_tasks,
                                     aux_loss_coef=config.model.moge.aux_loss_coef,
                                     task_balanced=config.train.task_balanced_loss, schedule=self.schedule)
-        self._train_step_fn, self._eval_step_fn = steps.train_step, steps.eval_step
+        self._train_step_fn = steps.train_step
+        self._eval_step = jax.jit(steps.eval_step)  # once: every evaluation reuses its compilations
         self.checkpoints = RunCheckpoints(self.output_dir / "checkpoints", config.train.keep_checkpoints,
                                           config.train.async_checkpointing)
 
@@ -90,18 +91,19 @@ class Trainer:
         cfg = self.config
         constructor = model_ckpt.omnimol_constructor(cfg.model, cfg.graph, seed=cfg.seed)
         model = create_sharded_model(constructor, self.mesh)
+        trains = trainable_filter(cfg.train.stage, cfg.train.unfreeze)
         frozen_dir = self.output_dir / "frozen"
-        graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.stage, cfg.train.unfreeze), ...)
         if (frozen_dir / model_ckpt.META_FILE).is_file():
             self.say(f"frozen weights from {frozen_dir} (written when this run started)")
-            shardings = {tuple(map(str, p)): v.get_value().sharding for p, v in nnx.to_flat_state(frozen)}
+            graphdef, trainable, frozen = nnx.split(model, trains, ...)
+            shardings = {k: v.sharding for k, v in model_ckpt.flat_values(frozen).items()}
             stored = model_ckpt.load_params(frozen_dir, shardings)
-            for path, variable in nnx.to_flat_state(frozen):
-                variable.set_value(stored[tuple(map(str, path))])
+            for key, variable in model_ckpt.flat_variables(frozen).items():
+                variable.set_value(stored[key])
             model = nnx.merge(graphdef, trainable, frozen)
         else:
             self._initialise_weights(model)
-            graphdef, trainable, frozen = nnx.split(model, trainable_filter(cfg.train.stage, cfg.train.unfreeze), ...)
+        graphdef, trainable, frozen = nnx.split(model, trains, ...)
         self.graphdef, self.frozen = graphdef, frozen
         self.layout = StateLayout.of(trainable)
         self.initial_trainable = flatten_state(trainable)
@@ -135,16 +137,11 @@ class Trainer:
         stored = model_ckpt.load_params(directory)
         if meta.get("graph") is None:  # a language-model-only checkpoint
             stored = {("language_model",) + k: v for k, v in stored.items()}
-        variables = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Variable))}
-        copied = 0
-        for key, value in stored.items():
-            if select(key) and key in variables:
-                current = variables[key].get_value()
-                if tuple(current.shape) != tuple(value.shape):
-                    raise TrainingError(f"{directory}: {'/'.join(key)} has shape {value.shape}, the model "
-                                        f"{current.shape}")
-                variables[key].set_value(jax.device_put(np.asarray(value, current.dtype), current.sharding))
-                copied += 1
+        try:
+            copied = model_ckpt.assign_params(model, {k: v for k, v in stored.items() if select(k)}, strict=False,
+                                              kind=nnx.Variable)
+        except model_ckpt.CheckpointError as err:
+            raise TrainingError(f"{directory}: {err}") from None
         if copied == 0:
             raise TrainingError(f"{directory}: no variable matches the model")
         self.say(f"{copied} variables from {directory}")
@@ -166,8 +163,8 @@ class Trainer:
         frozen_dir = self.output_dir / "frozen"
         if (frozen_dir / model_ckpt.META_FILE).is_file():
             return  # (every process saves: the Orbax write is collective)
-        params = {tuple(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(self.frozen)}
-        model_ckpt.save_model_checkpoint(frozen_dir, self.config.model, params, overwrite=True,
+        model_ckpt.save_model_checkpoint(frozen_dir, self.config.model, model_ckpt.flat_values(self.frozen),
+                                         overwrite=True,
                                          extra_metadata={"graph": dataclasses.asdict(self.config.graph),
                                                          "content": "frozen variables of a training run"})
 
@@ -313,7 +310,6 @@ class Trainer:
             self.say(f"validation skipped: {err}")
             return {}
         iterator = pipeline.iterator()
-        eval_step = jax.jit(self._eval_step_fn)
         sums, counts = np.zeros(self.num_tasks), np.zeros(self.num_tasks)
         total, tokens = 0.0, 0.0
         index = {name: i for i, name in enumerate(self.task_names)}
@@ -327,7 +323,7 @@ class Trainer:
             host = dict(host, token_task_ids=remap[host["token_task_ids"]])
             batch = place_batch(model_batch(host), batch_sharding(self.mesh), process_index=self.process_index,
                                 process_count=self.process_count)
-            out = jax.device_get(eval_step(trainable, self.frozen, batch))
+            out = jax.device_get(self._eval_step(trainable, self.frozen, batch))
             sums += out["task_ce_sum"]
             counts += out["task_tokens"]
             total += float(out["ce_sum"])
