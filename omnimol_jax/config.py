@@ -263,16 +263,16 @@ class TrainConfig:
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
         for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
-        if self.profile_steps:
-            parts = self.profile_steps.split(":")
-            ok = len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])
-            _require(ok, "train.profile_steps", f"expected START:STOP with START < STOP, got {self.profile_steps!r}")
+        self.profile_range()
 
     def profile_range(self) -> Optional[tuple[int, int]]:
+        """(START, STOP) of train.profile_steps, None when unset; ConfigError when malformed."""
         if not self.profile_steps:
             return None
-        start, stop = self.profile_steps.split(":")
-        return int(start), int(stop)
+        parts = self.profile_steps.split(":")
+        ok = len(parts) == 2 and all(p.isdigit() for p in parts) and int(parts[0]) < int(parts[1])
+        _require(ok, "train.profile_steps", f"expected START:STOP with START < STOP, got {self.profile_steps!r}")
+        return int(parts[0]), int(parts[1])
 
 
 @dataclasses.dataclass

@@ -260,7 +260,7 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.constrained and not constrained:
             print(f"note: --constrained applies to molecule-output tasks only; {spec.key} answers "
                   f"{spec.output_type}", file=sys.stderr)
-        session = load_session(args.checkpoint, args.tokenizer, double_bos=None if args.single_bos is None else False,
+        session = load_session(args.checkpoint, args.tokenizer, double_bos=False if args.single_bos else None,
                                mesh_text=args.mesh, constrained=constrained)
         try:
             ids, graph = prompt_example(spec, record, session.tokenizer, session.feature_mode)
@@ -307,7 +307,7 @@ def _group_of(task: str, record: dict) -> Optional[str]:
 
 def _settings(args: argparse.Namespace, session: InferenceSession, config) -> dict:
     return {"checkpoint": str(session.checkpoint.resolve()), "decoding": dataclasses.asdict(config),
-            "mbr_samples": getattr(args, "mbr_samples", 0),
+            "mbr_samples": args.mbr_samples,
             "constrained": bool(args.constrained), "double_bos": session.tokenizer.double_bos,
             "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None}
 
@@ -334,20 +334,23 @@ def _batches(items: Sequence[PendingExample], size: int) -> Iterator[list[Pendin
         yield ordered[start:start + size]
 
 
+def _record(example: PendingExample, prediction: str, **extra) -> dict:
+    record = {"id": example.record_id, "task": example.task, "prediction": prediction,
+              "reference": example.reference, "instruction": example.record.get("instruction", ""), **extra}
+    group = _group_of(example.task, example.record)
+    if group is not None:
+        record["group"] = group
+    return record
+
+
 def _prediction_records(batch: list[PendingExample], out, session: InferenceSession, beams: int) -> list[dict]:
     records = []
     for row, example in enumerate(batch):
         answers = [session.decode(out.answer_ids(row, k)) for k in range(out.tokens.shape[1])]
-        record = {"id": example.record_id, "task": example.task, "prediction": answers[0],
-                  "reference": example.reference, "instruction": example.record.get("instruction", ""),
-                  "num_tokens": int(out.lengths[row, 0]), "finished": bool(out.finished[row, 0])}
-        group = _group_of(example.task, example.record)
-        if group is not None:
-            record["group"] = group
+        extra = {"num_tokens": int(out.lengths[row, 0]), "finished": bool(out.finished[row, 0])}
         if beams > 1:
-            record["predictions"] = answers
-            record["scores"] = [float(s) for s in out.scores[row]]
-        records.append(record)
+            extra.update(predictions=answers, scores=[float(s) for s in out.scores[row]])
+        records.append(_record(example, answers[0], **extra))
     return records
 
 
@@ -364,14 +367,10 @@ def _mbr_prediction_records(batch: list[PendingExample], session: InferenceSessi
     records = []
     for i, example in enumerate(batch):
         answers = [session.decode(out.answer_ids(i * samples + k, 0)) for k in range(samples)]
-        chosen = l1_medoid(answers)
-        record = {"id": example.record_id, "task": example.task, "prediction": answers[chosen or 0],
-                  "reference": example.reference, "instruction": example.record.get("instruction", ""),
-                  "decoding": f"mbr-{samples}", "samples": answers}
-        group = _group_of(example.task, example.record)
-        if group is not None:
-            record["group"] = group
-        records.append(record)
+        chosen = l1_medoid(answers) or 0
+        records.append(_record(example, answers[chosen], num_tokens=int(out.lengths[i * samples + chosen, 0]),
+                               finished=bool(out.finished[i * samples + chosen, 0]), decoding=f"mbr-{samples}",
+                               samples=answers))
     return records
 
 
@@ -493,8 +492,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     protocols = PROTOCOLS if args.protocol == "both" else (args.protocol,)
     wants_constraint = args.constrained and any(tasks.get_task(k).output_type == tasks.OUTPUT_SELFIES
                                                 for k in task_keys)
-    session = load_session(args.checkpoint, args.tokenizer, double_bos=None if args.single_bos is None else False, mesh_text=args.mesh,
-                           constrained=wants_constraint)
+    session = load_session(args.checkpoint, args.tokenizer, double_bos=False if args.single_bos else None,
+                           mesh_text=args.mesh, constrained=wants_constraint)
     out_dir = Path(args.out) if args.out else Path("eval") / session.checkpoint.resolve().name
     _check_settings(out_dir, _settings(args, session, config), args.restart)
     store = PredictionStore(out_dir / PREDICTIONS_FILE)

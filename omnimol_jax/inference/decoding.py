@@ -123,7 +123,7 @@ def prompt_bucket(length: int, min_bucket: int = 32) -> int:
     return max(int(min_bucket), next_power_of_two(length))
 
 
-def graph_budget_for(graphs: Sequence[Any], rows: int) -> GraphBudget:
+def prompt_graph_budget(graphs: Sequence[Any], rows: int) -> GraphBudget:
     """Power-of-two node / edge budgets that hold every graph of the batch (few distinct shapes -> few compiles)."""
     nodes = sum(g.num_nodes for g in graphs if g is not None)
     edges = sum(g.num_edges for g in graphs if g is not None)
@@ -169,7 +169,7 @@ def build_prompt_batch(prompts: Sequence[Sequence[int]], graphs: Optional[Sequen
     graph_batch = None
     if graphs is not None and any(g is not None for g in graphs):
         padded_graphs = list(graphs) + [None] * (rows - count)
-        graph_batch, _ = batch_graphs(padded_graphs, graph_budget_for(padded_graphs, rows),
+        graph_batch, _ = batch_graphs(padded_graphs, prompt_graph_budget(padded_graphs, rows),
                                       record_ids=names + [f"<dummy {i}>" for i in range(rows - count)], strict=True)
     return PromptBatch(input_ids, mask, graph_batch)
 

@@ -70,7 +70,7 @@ def plot_run(output_dir: Path, task_names: Sequence[str], expert_usage: Optional
         ax.set_xlabel("step")
         ax.set_ylabel("cross entropy")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels() or axes[1].get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     if not handles:
         handles, labels = axes[1].get_legend_handles_labels()
     if handles:

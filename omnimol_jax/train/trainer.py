@@ -344,7 +344,8 @@ class Trainer:
             extra_metadata={"source": {"kind": "training", "run": str(self.output_dir.resolve()),
                                        "step": int(state.step)},
                             "tasks": self.task_names,
-                            "data": {"double_bos": self.config.data.double_bos, "feature_mode": self.config.data.feature_mode}},
+                            "data": {"double_bos": self.config.data.double_bos,
+                                     "feature_mode": self.config.data.feature_mode}},
             assets_from=tokenizer_dir if tokenizer_dir.is_dir() else None)
         self.say(f"model checkpoint written to {directory}")
         return directory
