@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 
@@ -23,6 +22,7 @@ from rdkit import RDConfig, rdBase
 
 from omnimol_jax.data import graphs as G
 from omnimol_jax.data.featurize import FeaturizationError, selfies_to_graph, smiles_to_graph
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 NCI_SMILES = os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")
 
@@ -125,8 +125,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "featurize", "source": "rdkit NCI/first_5K.smi", "batch_size": args.batch,
         "percentile": args.percentile, "repeats": args.repeats, "cpu": pinned, "results": results,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
-                    "rdkit": rdBase.rdkitVersion, "selfies": selfies.__version__},
+        "machine": describe_machine(rdkit=rdBase.rdkitVersion, selfies=selfies.__version__),
     }, indent=2))
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -18,7 +16,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # hf_reference helpers
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
@@ -26,6 +23,7 @@ from flax import nnx
 from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.model.llama import LlamaForCausalLM, count_parameters
 from hf_reference import torch_twin
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 
 def timed(fn, iters: int) -> list[float]:
@@ -76,9 +74,7 @@ def main() -> None:
         "torch_step_s_median": round(statistics.median(torch_times), 4),
         "max_abs_logit_diff": float(np.abs(jax_logits - torch_logits).max()),
         "torch_attention": twin.config._attn_implementation,
-        "machine": {"cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "device": str(jax.devices()[0]),
-                    "python": platform.python_version()},
+        "machine": describe_machine(),
     }, indent=2))
 
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -23,7 +21,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # hf_reference helpers
 
-import jax
 import numpy as np
 import torch
 from flax import nnx
@@ -32,6 +29,7 @@ from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.inference import GenerationConfig, Generator
 from omnimol_jax.model.llama import LlamaForCausalLM, count_parameters
 from hf_reference import torch_twin
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 
 def leading_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -116,9 +114,7 @@ def main() -> None:
         "decoding": "greedy, text only, fixed length", "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": config.dtype, "iters": args.iters,
         "torch_attention": twin.config._attn_implementation, "results": results,
-        "machine": {"cpus": os.cpu_count(), "jax": jax.__version__, "torch": torch.__version__,
-                    "torch_threads": torch.get_num_threads(), "device": str(jax.devices()[0]),
-                    "python": platform.python_version()},
+        "machine": describe_machine(),
     }, indent=2))
 
 

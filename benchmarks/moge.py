@@ -24,15 +24,10 @@ from omnimol_jax.config import LoRAConfig, MoGEConfig, model_config_from_preset
 from omnimol_jax.model.llama import LlamaForCausalLM, Projection, count_parameters, dtype_of
 from omnimol_jax.model.lora import LoRAScale, LoRAWeight, RouterWeight, split_trainable
 from omnimol_jax.model.moge import MoGEFeedForward
+from omnimol_jax.train.flops import compiled_flops
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 TRAINABLE = nnx.Any(LoRAWeight, LoRAScale, RouterWeight)
-
-
-def flops(compiled) -> float:
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0]
-    return float(analysis["flops"])
 
 
 def with_impl(config, implementation):
@@ -59,8 +54,8 @@ def layer_costs(config, tokens: int) -> dict:
 
         fwd = jax.jit(forward).lower(trainable, frozen, h, mask).compile()
         bwd = jax.jit(jax.grad(loss)).lower(trainable, frozen, h, mask).compile()
-        result[impl] = {"forward_flops_per_token": flops(fwd) / tokens,
-                        "train_flops_per_token": flops(bwd) / tokens}
+        result[impl] = {"forward_flops_per_token": compiled_flops(fwd) / tokens,
+                        "train_flops_per_token": compiled_flops(bwd) / tokens}
         if impl == "fused":
             sizes = {"frozen": frozen, "trainable": trainable}
             result["param_bytes"] = {k: int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(v)))
@@ -96,7 +91,7 @@ def step_times(config, batch: int, seq: int, iters: int) -> dict:
             times.append(time.perf_counter() - start)
         out[impl] = {"step_s_median": round(statistics.median(times), 4), "compile_s": round(compile_s, 2),
                      "tokens_per_s": round(batch * seq / statistics.median(times), 1), "loss": float(value),
-                     "train_flops_per_token": flops(compiled) / (batch * seq)}
+                     "train_flops_per_token": compiled_flops(compiled) / (batch * seq)}
     out["loss_abs_diff"] = abs(out["fused"]["loss"] - out["naive"]["loss"])
     out["fused_over_naive_time"] = round(out["fused"]["step_s_median"] / out["naive"]["step_s_median"], 3)
     return out
@@ -125,7 +120,7 @@ def main() -> None:
         "goal_fused_over_naive_flops_at_most": 0.4,
         "small_moge_train_step": {"preset": "small", "batch": args.batch, "seq_len": args.seq,
                                   **step_times(small, args.batch, args.seq, args.iters)},
-        "machine": {"device": str(jax.devices()[0]), "jax": jax.__version__},
+        "machine": describe_machine(),
     }, indent=2))
 
 

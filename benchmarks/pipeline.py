@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 
 def run_mode(data_dir: str, mode: str, args: argparse.Namespace) -> dict:
@@ -87,7 +87,7 @@ def main() -> None:
             build_s = round(time.perf_counter() - start, 1)
         report = {
             "benchmark": "data pipeline (host side: read, featurise, tokenise, batch)",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": describe_machine(),
             "config": {"seq_len": args.seq_len, "batch_size": args.batch_size, "batches": args.batches,
                        "threads": args.threads, "workers": args.workers,
                        "corpus": args.data_dir or f"built-in, {args.corpus_size} records per task"},

@@ -21,7 +21,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import torch
 from flax import nnx
 
@@ -31,6 +30,7 @@ from omnimol_jax.model.lora import trainable_filter
 from omnimol_jax.train.flops import compiled_flops, measure_matmul_peak
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
 from hf_reference import torch_twin
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -134,7 +134,7 @@ def main() -> None:
         "lora_jax_over_torch_tokens_per_s": round(results["lora"]["tokens_per_s"]
                                                   / results["torch_peft_lora"]["tokens_per_s"], 3),
         "loss_after_steps_jax_vs_torch": [results["lora"]["loss"], results["torch_peft_lora"]["loss"]],
-        "machine": {"device": str(jax.devices()[0]), "jax": jax.__version__, "torch": torch.__version__},
+        "machine": describe_machine(),
     }, indent=2))
 
 

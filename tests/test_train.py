@@ -1,7 +1,6 @@
 """Training: exact resume (also after SIGTERM), sharded == single device, corrupt checkpoints, typos, NaN skip."""
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

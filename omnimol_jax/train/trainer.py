@@ -15,7 +15,6 @@ import dataclasses
 import json
 import logging
 import math
-import shutil
 import signal
 import time
 from pathlib import Path
