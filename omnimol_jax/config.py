@@ -182,10 +182,15 @@ class GraphConfig:
     num_layers: int = 5
     hidden_size: int = 300
     projector_type: Literal["linear", "mlp2x_silu"] = "linear"
+    # A tower that starts random (no init.moleculestm, none in init.checkpoint) gets its batch-norm statistics
+    # from this many training graphs before step 0 (GIN.calibrate_batch_norms); 0 keeps the (0, 1) defaults.
+    calibration_graphs: int = 512
 
     def validate(self) -> None:
         _require(self.num_layers >= 1, "graph.num_layers", f"must be >= 1, got {self.num_layers}")
         _require(self.hidden_size >= 1, "graph.hidden_size", f"must be >= 1, got {self.hidden_size}")
+        _require(self.calibration_graphs >= 0, "graph.calibration_graphs",
+                 f"must be >= 0, got {self.calibration_graphs}")
 
 
 @dataclasses.dataclass

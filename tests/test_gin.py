@@ -100,6 +100,45 @@ def test_eps_and_batch_norm_statistics_matter(reference_and_gin):
     np.testing.assert_array_equal(run_gin(gin, batch), base)
 
 
+def test_calibration_standardises_every_batch_norm_over_the_real_atoms():
+    gin = GIN(GINConfig(num_layers=3, hidden_size=32), rngs=nnx.Rngs(0))
+    graphs = nci_graphs("omnimol", start=300, count=30)
+    n = sum(g.num_nodes for g in graphs)
+    batch, _ = G.batch_graphs([None] + graphs, G.GraphBudget(max_nodes=1024, max_edges=2048, max_graphs=40))
+    device_batch = G.to_device(batch)
+    mask = G.node_mask(device_batch)
+
+    def unit_cosine(x):
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        return float((x @ x.T).mean())
+
+    random_output = run_gin(gin, batch)[:n]
+    assert unit_cosine(random_output) > 0.8  # uncalibrated: every atom points the same way
+    calibrate = nnx.jit(lambda tower, graphs, mask: tower.calibrate_batch_norms(graphs, mask))
+    returned = np.asarray(calibrate(gin, device_batch.graphs, mask))
+    output = run_gin(gin, batch)  # inference mode with the new statistics gives the calibration pass's output
+    np.testing.assert_allclose(output, returned, atol=1e-5)
+    real = output[:n]
+    stored_var = np.asarray(gin.batch_norms[-1].var.get_value())
+    live = stored_var > 1e-2
+    assert live.sum() > 16
+    np.testing.assert_allclose(real.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(real.var(0)[live], 1.0, atol=1e-3)
+    assert unit_cosine(real) < 0.2
+    # The inner batch norms were fitted too (their input statistics are not the (0, 1) defaults) ...
+    for conv in gin.gnns:
+        assert np.abs(np.asarray(conv.mlp_norm.mean.get_value())).max() > 1e-3
+    # ... and padding rows, even with garbage features, do not enter the statistics.
+    poisoned_nodes = batch.graphs.nodes.copy()
+    poisoned_nodes[n:] = [118, 3]
+    poisoned = G.to_device(batch._replace(graphs=batch.graphs._replace(nodes=poisoned_nodes)))
+    again = GIN(GINConfig(num_layers=3, hidden_size=32), rngs=nnx.Rngs(0))
+    calibrate(again, poisoned.graphs, mask)
+    for ours, theirs in zip(jax.tree.leaves(nnx.state(gin, nnx.BatchStat)),
+                            jax.tree.leaves(nnx.state(again, nnx.BatchStat))):
+        np.testing.assert_allclose(np.asarray(theirs), np.asarray(ours), rtol=1e-6, atol=1e-6)
+
+
 def test_every_variable_has_logical_axes():
     gin = GIN(GINConfig(num_layers=2, hidden_size=8), rngs=nnx.Rngs(0))
     variables = list(nnx.to_flat_state(nnx.state(gin)))

@@ -220,7 +220,9 @@ def test_wrapper_decodes_with_kv_cache_after_a_graph_prefill(tiny_model):
     np.testing.assert_allclose(np.asarray(step.logits[:, 0]), np.asarray(full.logits[:, -1]), rtol=1e-5, atol=1e-5)
 
 
-def test_wrapper_gradients_skip_the_tower(tiny_model):
+def test_wrapper_passes_gradients_to_the_tower(tiny_model):
+    """Freezing is the trainer's parameter filter (tests/test_train.py), not a stop_gradient in the model: a
+    run that unfreezes the tower must be able to train it."""
     ids, batch = build_batch()
     ids = np.where(ids == IMG, IMG, ids % TINY.vocab_size).astype(np.int32)
     device_batch = G.to_device(batch)
@@ -231,7 +233,8 @@ def test_wrapper_gradients_skip_the_tower(tiny_model):
         return jnp.mean(model(jnp.asarray(ids), device_batch).logits ** 2)
 
     grads = jax.jit(jax.grad(loss))(params)
-    assert all(np.all(np.asarray(g) == 0) for g in jax.tree.leaves(grads["graph_tower"]))
+    tower = jax.tree.leaves(grads["graph_tower"])
+    assert tower and any(np.any(np.asarray(g) != 0) for g in tower)
     assert all(np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads["projector"]))
 
 

@@ -183,17 +183,21 @@ def test_stage1_trains_only_the_projector(corpus, tmp_path):
 
 def test_unfreeze_trains_the_matching_backbone_parameters(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", max_steps=2,
-                          unfreeze=["language_model/(embed_tokens|norm)/"])
+                          unfreeze=["language_model/(embed_tokens|norm)/", "graph_tower/atom_encoder/"])
     trainer = Trainer(load_config(config), progress=False)
     initial = {k: np.asarray(v) for k, v in trainer.initial_trainable.items()}
     frozen_paths = {"/".join(map(str, p)) for p, _ in __import__("flax").nnx.to_flat_state(trainer.frozen)}
     result = trainer.run()
-    unfrozen = {k for k in initial if k.startswith("language_model/") and "_lora/" not in k and "router" not in k}
-    assert unfrozen == {"language_model/embed_tokens/embedding", "language_model/norm/scale"}
+    unfrozen = {k for k in initial if k.startswith(("language_model/", "graph_tower/")) and "_lora/" not in k
+                and "router" not in k}
+    tables = {f"graph_tower/atom_encoder/embeddings/{i}" for i in range(9)}
+    assert unfrozen == {"language_model/embed_tokens/embedding", "language_model/norm/scale"} | tables
     assert not any(p.startswith(("language_model/embed_tokens/", "language_model/norm/")) for p in frozen_paths)
     assert any(p.startswith("language_model/layers/") for p in frozen_paths)  # the rest stays frozen
     changed = trainable(result)
-    assert all(not np.array_equal(changed[k], initial[k]) for k in unfrozen)
+    # The tower trains (the model does not stop its gradient); omnimol-mode graphs use 2 of the 9 atom tables.
+    used = unfrozen - tables | {"graph_tower/atom_encoder/embeddings/0", "graph_tower/atom_encoder/embeddings/1"}
+    assert all(not np.array_equal(changed[k], initial[k]) for k in used)
     with pytest.raises(ConfigError, match="train.unfreeze"):
         load_config(config, ["train.unfreeze=[(]"])
 
@@ -226,3 +230,28 @@ def test_stage2_starts_from_the_stage1_projector(corpus, tmp_path):
     fresh = Trainer(load_config(stage2, [f"train.output_dir={tmp_path / 'fresh'}"]), progress=False, log=lambda m: None)
     assert any(not np.array_equal(start[k], np.asarray(fresh.initial_trainable[k])) for k in start)
     assert any(f"{len(exported)} variables from" in m for m in messages)
+
+
+def test_a_random_graph_tower_is_calibrated_and_a_loaded_one_kept(corpus, tmp_path):
+    from omnimol_jax.checkpoint import flat_values
+
+    def batch_stats(trainer):
+        return {k: np.asarray(v) for k, v in flat_values(trainer.frozen).items() if k[0] == "graph_tower"
+                and k[-1] in ("mean", "var")}
+
+    config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "random", max_steps=1, export_final=True)
+    messages: list[str] = []
+    trainer = Trainer(load_config(config), progress=False, log=messages.append)
+    calibrated = batch_stats(trainer)
+    assert len(calibrated) == 2 * 2 * 2  # 2 layers x (inner + outer norm) x (mean, var)
+    assert any("batch norms calibrated on" in m for m in messages)
+    assert all(np.abs(v).max() > 1e-3 for k, v in calibrated.items() if k[-1] == "mean")
+    trainer.run()
+    # A tower that comes from a checkpoint keeps its statistics, and calibration_graphs=0 keeps the defaults.
+    loaded = Trainer(load_config(config, [f"init.checkpoint={tmp_path / 'random' / 'final'}",
+                                          f"train.output_dir={tmp_path / 'loaded'}"]), progress=False, log=messages.append)
+    for key, value in batch_stats(loaded).items():
+        np.testing.assert_array_equal(value, calibrated[key])
+    plain = Trainer(load_config(config, ["graph.calibration_graphs=0", f"train.output_dir={tmp_path / 'plain'}"]),
+                    progress=False, log=lambda m: None)
+    assert all(np.all(v == (0.0 if k[-1] == "mean" else 1.0)) for k, v in batch_stats(plain).items())

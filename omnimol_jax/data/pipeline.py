@@ -987,6 +987,30 @@ class Pipeline:
     def iterator(self, batch_sharding: Any = None) -> DataIterator:
         return DataIterator(self, batch_sharding)
 
+    def calibration_graphs(self, max_graphs: int = 512) -> list[MolGraph]:
+        """Up to `max_graphs` molecule graphs of the training split, for setting a random graph tower's batch-norm
+        statistics: the graph tasks' records taken round-robin in file order, bad records skipped. The same on
+        every process and in every run, and it leaves the sample stream (and so exact resume) untouched."""
+        graph_tasks = [(spec, source) for spec, source in zip(self.builder.specs, self.sources) if spec.has_graph]
+        graphs: list[MolGraph] = []
+        limit = max((len(source) for _, source in graph_tasks), default=0)
+        for index in range(limit):
+            for spec, source in graph_tasks:
+                if len(graphs) >= max_graphs:
+                    return graphs
+                if index >= len(source):
+                    continue
+                try:
+                    record = source[index]
+                    if readers.check_record(record, spec) is None:
+                        graph = molecules.graph_for(spec.graph_rule, record["input"], record,
+                                                    mode=self.config.feature_mode)
+                        if graph.num_nodes:
+                            graphs.append(graph)
+                except (json.JSONDecodeError, readers.RecordError, FeaturizationError):
+                    continue  # the sample stream reports bad records; calibration just uses the good ones
+        return graphs
+
 
 def build_pipeline(config: DataConfig, tokenizer: Optional[ChatTokenizer] = None) -> Pipeline:
     return Pipeline(config, tokenizer)

@@ -10,7 +10,9 @@ Computation (SPEC.md section 1), for node states h [N, 300] over a padded `jraph
     output: h^5 [N, 300]; padding nodes are set to 0.
 
 Batch norms always run in inference mode (running mean/var), everything is fp32 and matmuls use
-HIGHEST precision (no TF32), dropout is off: the tower is frozen.
+HIGHEST precision (no TF32), dropout is off: the tower is frozen in the paper's recipe. A tower trained
+from scratch (no MoleculeSTM file) first gets its running statistics from data (`calibrate_batch_norms`):
+with the initial (0, 1) statistics a random GIN maps every atom to nearly the same vector.
 
 Conventions checked against the MoleculeSTM / Omni-Mol code (`GINConv` of `molecule_gnn_model.py`, the
 OGB-style variant, not the pretrain-gnns one with self loops and `edge_embedding1/2`):
@@ -100,7 +102,13 @@ class BatchNormInference(nnx.Module):
         self.var = nnx.BatchStat(jnp.ones((dim,), jnp.float32), logical_axes=(logical_axis,))
         self.eps = eps
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, fit_weights: Optional[jax.Array] = None) -> jax.Array:
+        """fit_weights [N] (1 = real row): first set the running statistics to the weighted mean/variance of x."""
+        if fit_weights is not None:
+            count = jnp.maximum(fit_weights.sum(), 1.0)
+            mean = (x * fit_weights[:, None]).sum(0) / count
+            self.mean[...] = mean
+            self.var[...] = (jnp.square(x - mean) * fit_weights[:, None]).sum(0) / count
         return (x - self.mean[...]) / jnp.sqrt(self.var[...] + self.eps) * self.scale[...] + self.bias[...]
 
 
@@ -115,12 +123,12 @@ class GINConv(nnx.Module):
         self.eps = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
 
     def __call__(self, h: jax.Array, edge_features: jax.Array, senders: jax.Array,
-                 receivers: jax.Array) -> jax.Array:
+                 receivers: jax.Array, fit_weights: Optional[jax.Array] = None) -> jax.Array:
         edge_embedding = self.bond_encoder(edge_features)
         messages = jax.nn.relu(jnp.take(h, senders, axis=0) + edge_embedding)
         aggregated = jax.ops.segment_sum(messages, receivers, num_segments=h.shape[0])
         z = (1.0 + self.eps[...]) * h + aggregated
-        return self.mlp_out(jax.nn.relu(self.mlp_norm(self.mlp_in(z))))
+        return self.mlp_out(jax.nn.relu(self.mlp_norm(self.mlp_in(z), fit_weights)))
 
 
 class GIN(nnx.Module):
@@ -134,18 +142,36 @@ class GIN(nnx.Module):
         self.batch_norms = nnx.List([BatchNormInference(d, "gin_embed", config.batch_norm_eps)
                                      for _ in range(config.num_layers)])
 
-    def __call__(self, graphs: GraphsTuple, node_mask: Optional[jax.Array] = None) -> jax.Array:
+    def __call__(self, graphs: GraphsTuple, node_mask: Optional[jax.Array] = None, *,
+                 fit_batch_norms: bool = False) -> jax.Array:
         """node_mask bool [N_pad] (True = real node): padding rows of the output are zeroed.
 
         Padding nodes and edges never influence real nodes anyway: jraph's padding edges join only the
         padding node, and batch norm here is per-node.
+        fit_batch_norms: see `calibrate_batch_norms`.
         """
+        fit_weights = None
+        if fit_batch_norms:
+            if node_mask is None:
+                raise ValueError("fit_batch_norms needs the node_mask (padding nodes must not count)")
+            fit_weights = node_mask.astype(jnp.float32)
         h = self.atom_encoder(graphs.nodes)
         last = self.config.num_layers - 1
         for layer, (conv, norm) in enumerate(zip(self.gnns, self.batch_norms)):
-            h = norm(conv(h, graphs.edges, graphs.senders, graphs.receivers))
+            h = norm(conv(h, graphs.edges, graphs.senders, graphs.receivers, fit_weights), fit_weights)
             if layer != last:
                 h = jax.nn.relu(h)
         if node_mask is not None:
             h = jnp.where(node_mask[:, None], h, 0.0)
         return h
+
+    def calibrate_batch_norms(self, graphs: GraphsTuple, node_mask: jax.Array) -> jax.Array:
+        """Sets every batch norm's running mean/variance to those of its input over the real nodes of `graphs`,
+        in forward order (each layer sees the already calibrated ones before it), and returns the output.
+
+        For a randomly initialised tower only: its (0, 1) statistics leave the sum aggregations uncentred, so
+        after a few layers all atoms share one direction (cosine ~0.96 between atoms at the demo's size) and
+        the projected graph tokens carry almost nothing. Calibrated, each output feature has mean 0 and
+        variance 1 over the calibration atoms (torch's BatchNorm in train mode, once, with momentum 1).
+        """
+        return self(graphs, node_mask, fit_batch_norms=True)

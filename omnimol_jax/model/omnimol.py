@@ -2,8 +2,11 @@
 
 forward(input_ids, graphs):
     token embeddings of input_ids (graph-slot sentinels clipped to id 0 for the lookup; they are
-    overwritten) -> GIN over the padded graph batch (stop_gradient: the tower is frozen) -> projector
+    overwritten) -> GIN over the padded graph batch -> projector
     -> splice into the slots -> Llama on `inputs_embeds`.
+The tower is frozen by the trainer's parameter filter (model/lora.py `trainable_filter`), not here: a run
+that lists it in `train.unfreeze` trains it, and a frozen tower costs no backward pass because jax only
+differentiates the trainable parameters.
 Positions count slots like ordinary tokens (the Llama's default cumulative count), which is what the
 reference model sees. Decoding: the prefill call carries the graphs; later steps pass graphs=None and
 only embed their new tokens, the cache holds the rest.
@@ -35,7 +38,7 @@ class OmniMolModel(nnx.Module):
     def encode_graphs(self, graphs: GraphBatch) -> jax.Array:
         """Projected atom vectors [N_pad, d_model] (fp32); padding rows hold the projector bias."""
         atoms = self.graph_tower(graphs.graphs, node_mask(graphs))
-        return self.projector(jax.lax.stop_gradient(atoms))
+        return self.projector(atoms)
 
     def embed_inputs(self, input_ids: jax.Array, graphs: Optional[GraphBatch] = None, *,
                      validate_graph_slots: bool = False) -> jax.Array:

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from omnimol_jax import checkpoint as model_ckpt
 from omnimol_jax.config import Config, save_config
+from omnimol_jax.data.graphs import GraphBudget, batch_graphs, node_mask
 from omnimol_jax.data.pipeline import Pipeline, place_batch
 from omnimol_jax.model.lora import trainable_filter
 from omnimol_jax.sharding import batch_sharding, build_mesh, create_sharded_model, use_mesh
@@ -115,23 +116,44 @@ class Trainer:
 
     def _initialise_weights(self, model) -> None:
         init = self.config.init
+        tower_loaded = False
         if init.hf:
             from omnimol_jax.convert.hf_llama import load_hf_weights
 
             load_hf_weights(model.language_model, init.hf, progress=self.progress)
             self.say(f"language model weights from {init.hf}")
         if init.checkpoint:
-            self._load_matching(model, init.checkpoint, lambda key: True)
+            tower_loaded = self._load_matching(model, init.checkpoint, lambda key: True)
         if init.moleculestm:
             from omnimol_jax.convert.moleculestm import load_moleculestm
 
             load_moleculestm(model.graph_tower, init.moleculestm)
+            tower_loaded = True
             self.say(f"graph tower weights from {init.moleculestm}")
         if init.projector:
             self._load_matching(model, init.projector, lambda key: key[0] == "projector")
+        if not tower_loaded and self.config.graph.calibration_graphs > 0:
+            self._calibrate_graph_tower(model)
 
-    def _load_matching(self, model, directory: str, select: Callable[[tuple], bool]) -> None:
-        """Copies the checkpoint's variables that exist in the model (same path and shape)."""
+    def _calibrate_graph_tower(self, model) -> None:
+        """Batch-norm statistics of a random graph tower from training graphs (see GIN.calibrate_batch_norms)."""
+        graphs = self.pipeline.calibration_graphs(self.config.graph.calibration_graphs)
+        if not graphs:
+            return  # text-only tasks: the tower never runs
+        nodes = sum(g.num_nodes for g in graphs)
+        budget = GraphBudget(max_nodes=nodes + 1, max_edges=max(1, sum(g.num_edges for g in graphs)),
+                             max_graphs=len(graphs) + 1)
+        batch, _ = batch_graphs(graphs, budget)
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        # The same graphs on every process: each provides the whole (replicated) array.
+        batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), batch)
+        with use_mesh(self.mesh):
+            nnx.jit(lambda tower, b: tower.calibrate_batch_norms(b.graphs, node_mask(b)))(model.graph_tower, batch)
+        self.say(f"graph tower batch norms calibrated on {len(graphs)} training molecules ({nodes} atoms)")
+
+    def _load_matching(self, model, directory: str, select: Callable[[tuple], bool]) -> bool:
+        """Copies the checkpoint's variables that exist in the model (same path and shape); True when graph-tower
+        variables were among them."""
         _, meta = model_ckpt.read_metadata(directory)
         stored = model_ckpt.load_params(directory)
         if meta.get("graph") is None:  # a language-model-only checkpoint
@@ -144,6 +166,7 @@ class Trainer:
         if copied == 0:
             raise TrainingError(f"{directory}: no variable matches the model")
         self.say(f"{copied} variables from {directory}")
+        return any(key[0] == "graph_tower" and select(key) for key in stored)
 
     # ------------------------------------------------------------------------------------------------ state
 
