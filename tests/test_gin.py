@@ -2,6 +2,7 @@
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ from gin_reference_torch import GNNGraphPred, randomize_
 from omnimol_jax.convert.moleculestm import load_moleculestm
 from omnimol_jax.data import graphs as G
 from omnimol_jax.data.featurize import merge_graphs, smiles_to_graph
-from omnimol_jax.model.gin import GIN, GINConfig
+from omnimol_jax.model.gin import GIN, GINConfig, mean_pairwise_cosine
 
 NCI_SMILES = os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")
 
@@ -125,6 +126,11 @@ def test_calibration_standardises_every_batch_norm_over_the_real_atoms():
     np.testing.assert_allclose(real.mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(real.var(0)[live], 1.0, atol=1e-3)
     assert unit_cosine(real) < 0.2
+    # the O(N d) mean cosine the trainer logs == the mean over distinct pairs of the full N x N matrix
+    unit = real / np.linalg.norm(real, axis=1, keepdims=True)
+    pairs = (unit @ unit.T).sum() - np.trace(unit @ unit.T)
+    np.testing.assert_allclose(float(mean_pairwise_cosine(jnp.asarray(output), mask)), pairs / (n * (n - 1)),
+                               rtol=1e-4, atol=1e-6)
     # The inner batch norms were fitted too (their input statistics are not the (0, 1) defaults) ...
     for conv in gin.gnns:
         assert np.abs(np.asarray(conv.mlp_norm.mean.get_value())).max() > 1e-3

@@ -17,7 +17,7 @@ def test_medoid_is_a_median_sample_not_the_mode():
 def test_medoid_compares_vectors_of_the_common_length_and_skips_unparsed():
     samples = ["HOMO -0.30 LUMO -0.10 gap 0.20", "garbage", "HOMO -0.25 LUMO -0.05 gap 0.20",
                "HOMO -0.40 LUMO 0.00 gap 0.40", "only 7"]
-    # costs over the three 3-number samples: #0: 0+0.10+0.30=0.40... computed by hand:
+    # only the three 3-number samples (#0, #2, #3) compete; L1 distances by hand:
     # d(0,2)=0.05+0.05+0=0.10, d(0,3)=0.10+0.10+0.20=0.40, d(2,3)=0.15+0.05+0.20=0.40
     # cost0=0.50, cost2=0.50, cost3=0.80 -> tie broken by the earlier sample
     assert l1_medoid(samples) == 0

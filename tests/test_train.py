@@ -250,8 +250,12 @@ def test_a_random_graph_tower_is_calibrated_and_a_loaded_one_kept(corpus, tmp_pa
     # A tower that comes from a checkpoint keeps its statistics, and calibration_graphs=0 keeps the defaults.
     loaded = Trainer(load_config(config, [f"init.checkpoint={tmp_path / 'random' / 'final'}",
                                           f"train.output_dir={tmp_path / 'loaded'}"]), progress=False, log=messages.append)
-    for key, value in batch_stats(loaded).items():
+    kept = batch_stats(loaded)
+    assert kept.keys() == calibrated.keys()
+    for key, value in kept.items():
         np.testing.assert_array_equal(value, calibrated[key])
-    plain = Trainer(load_config(config, ["graph.calibration_graphs=0", f"train.output_dir={tmp_path / 'plain'}"]),
-                    progress=False, log=lambda m: None)
-    assert all(np.all(v == (0.0 if k[-1] == "mean" else 1.0)) for k, v in batch_stats(plain).items())
+    plain = batch_stats(Trainer(load_config(config, ["graph.calibration_graphs=0",
+                                                     f"train.output_dir={tmp_path / 'plain'}"]),
+                                progress=False, log=lambda m: None))
+    assert plain.keys() == calibrated.keys()
+    assert all(np.all(v == (0.0 if k[-1] == "mean" else 1.0)) for k, v in plain.items())

@@ -992,23 +992,21 @@ class Pipeline:
         statistics: the graph tasks' records taken round-robin in file order, bad records skipped. The same on
         every process and in every run, and it leaves the sample stream (and so exact resume) untouched."""
         graph_tasks = [(spec, source) for spec, source in zip(self.builder.specs, self.sources) if spec.has_graph]
+        order = sorted((index, task) for task, (_, source) in enumerate(graph_tasks) for index in range(len(source)))
         graphs: list[MolGraph] = []
-        limit = max((len(source) for _, source in graph_tasks), default=0)
-        for index in range(limit):
-            for spec, source in graph_tasks:
-                if len(graphs) >= max_graphs:
-                    return graphs
-                if index >= len(source):
+        for index, task in order:
+            if len(graphs) == max_graphs:
+                break
+            spec, source = graph_tasks[task]
+            try:
+                record = source[index]
+                if readers.check_record(record, spec) is not None:
                     continue
-                try:
-                    record = source[index]
-                    if readers.check_record(record, spec) is None:
-                        graph = molecules.graph_for(spec.graph_rule, record["input"], record,
-                                                    mode=self.config.feature_mode)
-                        if graph.num_nodes:
-                            graphs.append(graph)
-                except (json.JSONDecodeError, readers.RecordError, FeaturizationError):
-                    continue  # the sample stream reports bad records; calibration just uses the good ones
+                graph = molecules.graph_for(spec.graph_rule, record["input"], record, mode=self.config.feature_mode)
+            except (json.JSONDecodeError, readers.RecordError, FeaturizationError):
+                continue  # the sample stream reports bad records; calibration just uses the good ones
+            if graph.num_nodes:
+                graphs.append(graph)
         return graphs
 
 

@@ -142,19 +142,28 @@ class GIN(nnx.Module):
         self.batch_norms = nnx.List([BatchNormInference(d, "gin_embed", config.batch_norm_eps)
                                      for _ in range(config.num_layers)])
 
-    def __call__(self, graphs: GraphsTuple, node_mask: Optional[jax.Array] = None, *,
-                 fit_batch_norms: bool = False) -> jax.Array:
+    def __call__(self, graphs: GraphsTuple, node_mask: Optional[jax.Array] = None) -> jax.Array:
         """node_mask bool [N_pad] (True = real node): padding rows of the output are zeroed.
 
         Padding nodes and edges never influence real nodes anyway: jraph's padding edges join only the
         padding node, and batch norm here is per-node.
-        fit_batch_norms: see `calibrate_batch_norms`.
         """
-        fit_weights = None
-        if fit_batch_norms:
-            if node_mask is None:
-                raise ValueError("fit_batch_norms needs the node_mask (padding nodes must not count)")
-            fit_weights = node_mask.astype(jnp.float32)
+        return self._forward(graphs, node_mask, fit_weights=None)
+
+    def calibrate_batch_norms(self, graphs: GraphsTuple, node_mask: jax.Array) -> jax.Array:
+        """Sets every batch norm's running mean/variance to those of its input over the real nodes of `graphs`,
+        in forward order (each layer sees the already calibrated ones before it), and returns the output.
+
+        For a randomly initialised tower only: its (0, 1) statistics leave the sum aggregations uncentred, so
+        after a few layers all atoms share one direction (`omnimol train` logs the mean cosine between atoms
+        before and after) and the projected graph tokens carry almost nothing. Calibrated, each output
+        feature has mean 0 and variance 1 over the calibration atoms (the biased variance, as torch's
+        BatchNorm normalises with in train mode).
+        """
+        return self._forward(graphs, node_mask, fit_weights=node_mask.astype(jnp.float32))
+
+    def _forward(self, graphs: GraphsTuple, node_mask: Optional[jax.Array],
+                 fit_weights: Optional[jax.Array]) -> jax.Array:
         h = self.atom_encoder(graphs.nodes)
         last = self.config.num_layers - 1
         for layer, (conv, norm) in enumerate(zip(self.gnns, self.batch_norms)):
@@ -165,13 +174,12 @@ class GIN(nnx.Module):
             h = jnp.where(node_mask[:, None], h, 0.0)
         return h
 
-    def calibrate_batch_norms(self, graphs: GraphsTuple, node_mask: jax.Array) -> jax.Array:
-        """Sets every batch norm's running mean/variance to those of its input over the real nodes of `graphs`,
-        in forward order (each layer sees the already calibrated ones before it), and returns the output.
 
-        For a randomly initialised tower only: its (0, 1) statistics leave the sum aggregations uncentred, so
-        after a few layers all atoms share one direction (cosine ~0.96 between atoms at the demo's size) and
-        the projected graph tokens carry almost nothing. Calibrated, each output feature has mean 0 and
-        variance 1 over the calibration atoms (torch's BatchNorm in train mode, once, with momentum 1).
-        """
-        return self(graphs, node_mask, fit_batch_norms=True)
+def mean_pairwise_cosine(vectors: jax.Array, node_mask: jax.Array) -> jax.Array:
+    """Mean cosine similarity over pairs of distinct real rows, in O(N d): with unit rows u_i and s = sum u_i,
+    sum over i != j of u_i . u_j = |s|^2 - n."""
+    unit = vectors / jnp.maximum(jnp.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    unit = jnp.where(node_mask[:, None], unit, 0.0)
+    n = node_mask.sum().astype(jnp.float32)
+    total = unit.sum(0)
+    return (jnp.dot(total, total) - n) / jnp.maximum(n * (n - 1.0), 1.0)

@@ -28,8 +28,9 @@ from tqdm.auto import tqdm
 
 from omnimol_jax import checkpoint as model_ckpt
 from omnimol_jax.config import Config, save_config
-from omnimol_jax.data.graphs import GraphBudget, batch_graphs, node_mask
+from omnimol_jax.data.graphs import batch_graphs, node_mask
 from omnimol_jax.data.pipeline import Pipeline, place_batch
+from omnimol_jax.model.gin import mean_pairwise_cosine
 from omnimol_jax.model.lora import trainable_filter
 from omnimol_jax.sharding import batch_sharding, build_mesh, create_sharded_model, use_mesh
 from omnimol_jax.train.batches import place_micro_batches
@@ -137,19 +138,26 @@ class Trainer:
 
     def _calibrate_graph_tower(self, model) -> None:
         """Batch-norm statistics of a random graph tower from training graphs (see GIN.calibrate_batch_norms)."""
+        from omnimol_jax.inference.decoding import prompt_graph_budget
+
         graphs = self.pipeline.calibration_graphs(self.config.graph.calibration_graphs)
         if not graphs:
             return  # text-only tasks: the tower never runs
-        nodes = sum(g.num_nodes for g in graphs)
-        budget = GraphBudget(max_nodes=nodes + 1, max_edges=max(1, sum(g.num_edges for g in graphs)),
-                             max_graphs=len(graphs) + 1)
-        batch, _ = batch_graphs(graphs, budget)
+        batch, _ = batch_graphs(graphs, prompt_graph_budget(graphs, rows=len(graphs)))
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         # The same graphs on every process: each provides the whole (replicated) array.
         batch = jax.tree.map(lambda x: jax.make_array_from_process_local_data(replicated, np.asarray(x)), batch)
+
+        def calibrate(tower, b):
+            mask = node_mask(b)
+            before = mean_pairwise_cosine(tower(b.graphs, mask), mask)
+            return before, mean_pairwise_cosine(tower.calibrate_batch_norms(b.graphs, mask), mask)
+
         with use_mesh(self.mesh):
-            nnx.jit(lambda tower, b: tower.calibrate_batch_norms(b.graphs, node_mask(b)))(model.graph_tower, batch)
-        self.say(f"graph tower batch norms calibrated on {len(graphs)} training molecules ({nodes} atoms)")
+            before, after = nnx.jit(calibrate)(model.graph_tower, batch)
+        self.say(f"graph tower batch norms calibrated on {len(graphs)} training molecules "
+                 f"({sum(g.num_nodes for g in graphs)} atoms): mean cosine between atoms {float(before):.2f} -> "
+                 f"{float(after):.2f}")
 
     def _load_matching(self, model, directory: str, select: Callable[[tuple], bool]) -> bool:
         """Copies the checkpoint's variables that exist in the model (same path and shape); True when graph-tower
