@@ -69,6 +69,10 @@ def _add_decoding_args(p: argparse.ArgumentParser, default_max_new: int) -> None
     group.add_argument("--constrained", action="store_true",
                        help="molecule-output tasks: only tokens that keep the answer a SELFIES sequence")
     group.add_argument("--max-new-tokens", type=int, default=default_max_new)
+    group.add_argument("--number-median", type=int, default=0, metavar="K",
+                       help="number tasks: answer each number with the median of the model's distribution (the "
+                            "MAE-optimal answer), found by enumerating up to K integer-part prefixes per step "
+                            "instead of greedy's digit-by-digit mode; deterministic; 0 = off (16 is a good K)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -120,6 +124,11 @@ def generation_config(args: argparse.Namespace):
         raise EvalError("--temperature must be > 0 (leave it out for greedy decoding)")
     if args.temperature is not None and args.beams > 1:
         raise EvalError("beam search is deterministic: use --temperature or --beams, not both")
+    if args.number_median < 0:
+        raise EvalError(f"--number-median must be 0 (off) or a number of prefixes >= 1, got {args.number_median}")
+    if args.number_median and (args.temperature is not None or args.beams > 1 or args.greedy):
+        raise EvalError("--number-median is its own deterministic decoding: it excludes --temperature, --beams "
+                        "and --greedy")
     try:
         return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature or 0.0,
                                 top_p=args.top_p, top_k=args.top_k, num_beams=args.beams,
@@ -207,6 +216,18 @@ def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = 
     return InferenceSession(model, meta, tokenizer, generator, feature_mode, checkpoint)
 
 
+def number_median_decoder(session: InferenceSession, slots: int):
+    """The median number decoder (inference/number_median.py) over the session's generator and tokenizer."""
+    from omnimol_jax.inference.number_median import NumberMedianDecoder, number_tokens_for_tokenizer
+
+    vocab_size = session.model.language_model.config.vocab_size
+    try:
+        number_tokens = number_tokens_for_tokenizer(session.tokenizer, vocab_size)
+    except ValueError as err:
+        raise EvalError(f"--number-median: {err}") from None
+    return NumberMedianDecoder(session.generator, number_tokens, slots=slots)
+
+
 def record_seed(seed: int, record_id: str) -> int:
     """A record's sampling stream: stable across runs, batchings and resumes."""
     digest = hashlib.blake2b(f"{seed}\x1f{record_id}".encode(), digest_size=4).digest()
@@ -266,6 +287,14 @@ def run_generate(args: argparse.Namespace) -> int:
             ids, graph = prompt_example(spec, record, session.tokenizer, session.feature_mode)
         except ValueError as err:
             raise EvalError(f"input {args.input!r} for task {spec.key}: {err}") from None
+        if args.number_median and spec.output_type in (tasks.OUTPUT_NUMBER, tasks.OUTPUT_NUMBER_IN_TEXT):
+            answer = number_median_decoder(session, args.number_median).generate(
+                [ids], [graph], max_new_tokens=config.max_new_tokens)[0]
+            print(session.decode(answer.ids))
+            return 0
+        if args.number_median:
+            print(f"note: --number-median applies to number-output tasks only; {spec.key} answers "
+                  f"{spec.output_type}", file=sys.stderr)
         out = session.generator.generate([ids], config, [graph], row_seeds=[record_seed(config.seed, "generate")],
                                          constrained=constrained)
     except (EvalError, KeyError) as err:
@@ -308,6 +337,7 @@ def _group_of(task: str, record: dict) -> Optional[str]:
 def _settings(args: argparse.Namespace, session: InferenceSession, config) -> dict:
     return {"checkpoint": str(session.checkpoint.resolve()), "decoding": dataclasses.asdict(config),
             "mbr_samples": args.mbr_samples,
+            **({"number_median": args.number_median} if args.number_median else {}),  # older folders still resume
             "constrained": bool(args.constrained), "double_bos": session.tokenizer.double_bos,
             "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None}
 
@@ -372,6 +402,16 @@ def _mbr_prediction_records(batch: list[PendingExample], session: InferenceSessi
                                finished=bool(out.finished[i * samples + chosen, 0]), decoding=f"mbr-{samples}",
                                samples=answers))
     return records
+
+
+def _median_prediction_records(batch: list[PendingExample], session: InferenceSession, decoder, rows: int,
+                               max_new_tokens: int) -> list[dict]:
+    """Numbers answered with the median of the model's distribution (see inference/number_median.py)."""
+    answers = decoder.generate([e.input_ids for e in batch], [e.graph for e in batch], max_new_tokens=max_new_tokens,
+                               rows=rows, record_ids=[e.record_id for e in batch])
+    return [_record(example, session.decode(answer.ids), num_tokens=len(answer.ids), finished=answer.finished,
+                    decoding=f"median-{decoder.slots}", numbers=answer.numbers)
+            for example, answer in zip(batch, answers)]
 
 
 def topk_exact_match(records: Sequence[dict], protocol: str, beams: int) -> dict[str, float]:
@@ -482,6 +522,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         raise EvalError(f"--mbr-samples must be 0 (off) or >= 2, got {args.mbr_samples}")
     if args.mbr_samples and (args.beams > 1 or args.greedy):
         raise EvalError("--mbr-samples samples: it excludes --beams and --greedy")
+    if args.mbr_samples and args.number_median:
+        raise EvalError("--mbr-samples and --number-median are two ways to decode numbers: choose one")
     mbr_config = (dataclasses.replace(config, temperature=args.temperature or 1.0) if args.mbr_samples else None)
     task_keys = (readers.available_tasks(args.data, args.layout) if args.tasks.strip() == "all"
                  else [t.strip() for t in args.tasks.replace("/", ",").split(",") if t.strip()])
@@ -497,6 +539,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     out_dir = Path(args.out) if args.out else Path("eval") / session.checkpoint.resolve().name
     _check_settings(out_dir, _settings(args, session, config), args.restart)
     store = PredictionStore(out_dir / PREDICTIONS_FILE)
+    median_decoder = number_median_decoder(session, args.number_median) if args.number_median else None
 
     # Which test records each task has, and which still lack a prediction.
     sources, task_ids, missing = {}, {}, {}
@@ -543,8 +586,14 @@ def _run_eval(args: argparse.Namespace) -> int:
                 continue
             pending.append(PendingExample(record_id, key, example.input_ids, example.graph, record["output"], record))
         bar.set_postfix_str(key)
-        mbr = mbr_config is not None and spec.output_type in (tasks.OUTPUT_NUMBER, tasks.OUTPUT_NUMBER_IN_TEXT)
+        numeric = spec.output_type in (tasks.OUTPUT_NUMBER, tasks.OUTPUT_NUMBER_IN_TEXT)
+        mbr = mbr_config is not None and numeric
         for batch in _batches(pending, args.batch_size):
+            if median_decoder is not None and numeric:
+                store.append(_median_prediction_records(batch, session, median_decoder, args.batch_size,
+                                                        config.max_new_tokens))
+                bar.update(len(batch))
+                continue
             if mbr:
                 store.append(_mbr_prediction_records(batch, session, mbr_config, args.mbr_samples,
                                                      rows=args.batch_size * args.mbr_samples))

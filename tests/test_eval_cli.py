@@ -170,6 +170,25 @@ def test_eval_mbr_answers_number_tasks_with_the_medoid_of_seeded_samples(corpus,
     assert _cli(argv[:-1] + ["1"]) == 1  # one sample is no choice: refused before anything loads
 
 
+def test_eval_number_median_decodes_number_tasks_only_and_deterministically(corpus, checkpoint, tmp_path):
+    out = tmp_path / "median"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--data", str(corpus), "--tasks", "logp,dqa", "--out", str(out),
+            "--batch-size", "2", "--max-new-tokens", "12", "--limit", "2", "--no-progress", "--number-median", "4"]
+    assert _cli(argv) == 0
+    records = list(map(json.loads, (out / "predictions.jsonl").read_text().splitlines()))
+    number = [r for r in records if r["task"] == "logp"]
+    assert len(number) == 2 and all(r["decoding"] == "median-4" and isinstance(r["numbers"], list) for r in number)
+    assert all("decoding" not in r for r in records if r["task"] == "dqa")  # other tasks: greedy
+    assert json.loads((out / "eval_config.json").read_text())["number_median"] == 4
+    again = tmp_path / "again"
+    assert _cli([a if a != str(out) else str(again) for a in argv]) == 0
+    assert (again / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
+    # refused before anything loads: with another way of decoding, or a negative K
+    assert _cli(argv + ["--beams", "2"]) == 1
+    assert _cli(argv + ["--mbr-samples", "4"]) == 1
+    assert _cli(argv[:-1] + ["-1"]) == 1
+
+
 def test_generate_prints_answers(checkpoint, capsys):
     base = ["generate", "--checkpoint", str(checkpoint), "--max-new-tokens", "6"]
     assert _cli(base + ["--task", "logp", "--input", "[C][C][O]"]) == 0
@@ -188,6 +207,13 @@ def test_generate_prints_answers(checkpoint, capsys):
     assert _cli(base + ["--task", "logp", "--input", "not a molecule"]) == 1
     assert "not a molecule" in capsys.readouterr().err
     assert _cli(base + ["--task", "logp", "--input", "[C]", "--temperature", "0"]) == 1
+    capsys.readouterr()
+    assert _cli(base + ["--task", "logp", "--input", "[C][C][O]", "--number-median", "4"]) == 0
+    median = capsys.readouterr()
+    assert len(median.out.strip().splitlines()) <= 1 and "note:" not in median.err
+    assert _cli(base + ["--task", "dqa", "--input", "[C][C][O]", "--number-median", "4",
+                        "--instruction", "What is it?"]) == 0
+    assert "applies to number-output tasks only" in capsys.readouterr().err
 
 
 def test_record_seeds_are_stable_and_distinct():

@@ -222,9 +222,9 @@ def token_texts_of(decode_one: Callable[[int], str], vocab_size: int, special_id
     return texts
 
 
-def constraint_for_tokenizer(tokenizer, vocab_size: int, alphabet: Optional[Iterable[str]] = None,
-                             ) -> SelfiesConstraint:
-    """Tables for an `omnimol_jax.data.tokenizer.ChatTokenizer` over a model vocabulary of `vocab_size` ids."""
+def tokenizer_token_texts(tokenizer, vocab_size: int) -> list:
+    """Decoded text of each id of a model vocabulary of `vocab_size` for an `omnimol_jax.data.tokenizer.ChatTokenizer`
+    (None for its special `<|...|>` tokens and for ids past the tokenizer's vocabulary)."""
     raw = tokenizer.tokenizer
     special = {i for i in range(min(vocab_size, raw.get_vocab_size(with_added_tokens=True)))
                if (tok := raw.id_to_token(i)) is not None and tok.startswith("<|") and tok.endswith("|>")}
@@ -235,4 +235,10 @@ def constraint_for_tokenizer(tokenizer, vocab_size: int, alphabet: Optional[Iter
             raise IndexError(token_id)
         return raw.decode([token_id], skip_special_tokens=False)
 
-    return build_selfies_constraint(token_texts_of(decode_one, vocab_size, special), alphabet)
+    return token_texts_of(decode_one, vocab_size, special)
+
+
+def constraint_for_tokenizer(tokenizer, vocab_size: int, alphabet: Optional[Iterable[str]] = None,
+                             ) -> SelfiesConstraint:
+    """Tables for an `omnimol_jax.data.tokenizer.ChatTokenizer` over a model vocabulary of `vocab_size` ids."""
+    return build_selfies_constraint(tokenizer_token_texts(tokenizer, vocab_size), alphabet)
