@@ -8,7 +8,9 @@ task template, llama3 chat format, the task's graph rule, one graph slot per ato
 `omnimol eval` writes into --out:
     predictions.jsonl   one record per test example: id ('<task>/<index in file>'), task, prediction, reference,
                         instruction, generated token count, whether a stop token ended it, and with --beams K
-                        the K hypotheses and their scores. Appended after every batch; a rerun resumes from it.
+                        the K hypotheses and their scores, with --mbr-samples N the samples, with
+                        --number-median K the integer-part candidates found per number. Appended after
+                        every batch; a rerun resumes from it.
     eval_config.json    checkpoint and decoding settings; a rerun with different settings refuses to mix them
     skipped.json        test records that could not be turned into prompts (file, index, reason)
     metrics/<task>.json, metrics.md, summary.png   the report (omnimol_jax.eval.write_report)

@@ -203,7 +203,10 @@ def _step(graphdef, state, cache, parents, tokens, feed, keep_before, table_ids,
     """Each row continues from row `parents[r]`'s cache with its slots >= keep_before[r] forgotten (rewinding a
     number), then reads `tokens[r]` (a no-op where feed[r] is 0)."""
     model = nnx.merge(graphdef, state)
-    cache = _gather_cache(cache, parents)
+    # Only enumeration steps move rows; the others skip the gather (a full copy of the cache per step was
+    # most of the decoding time).
+    identity = jnp.arange(parents.shape[0], dtype=parents.dtype)
+    cache = jax.lax.cond(jnp.any(parents != identity), lambda c: _gather_cache(c, parents), lambda c: c, cache)
     valid = cache.valid & (jnp.arange(cache.valid.shape[1])[None, :] < keep_before[:, None])
     cache = cache._replace(valid=valid, num_valid=valid.sum(axis=1, dtype=jnp.int32))
     logits, cache = _forward(model, tokens[:, None], feed[:, None], cache, None)
@@ -261,8 +264,8 @@ class NumberMedianDecoder:
         batch = build_prompt_batch(prompts, graphs, pad_token_id=gen.pad_token_id, rows=rows,
                                    min_bucket=gen.min_prompt_bucket, record_ids=record_ids)
         prompt_rows, bucket = batch.input_ids.shape
-        # Rewinds and enumeration steps write cache slots that the answer does not keep: room for both.
-        cache_length = bucket + 2 * max_new_tokens
+        # Enumeration steps and replays write cache slots that the answer does not keep: room for four numbers.
+        cache_length = bucket + max_new_tokens + 4 * (2 * self.max_integer_tokens + 1)
         with use_mesh(gen.mesh):
             summary, cache = _prefill(gen.graphdef, self.slots, cache_length, gen.state, batch.input_ids,
                                       batch.attention_mask, batch.graphs, self._table_ids, self._digit_mask)
@@ -457,9 +460,9 @@ class _Actions:
         self.feed[row] = 1
 
     def follow_slot0(self, b: int, token: int, keep_before: Optional[int] = None) -> None:
-        """Every row of prompt b continues from row 0 with `token` (outside numbers the K rows are copies)."""
+        """Every row of prompt b reads `token`, keeping its own cache: outside numbers the K rows are copies,
+        and after a number's enumeration the rewind (keep_before) leaves each row the same valid slots."""
         rows = slice(b * self.slots, (b + 1) * self.slots)
-        self.parents[rows] = b * self.slots
         self.tokens[rows] = token
         self.feed[rows] = 1
         if keep_before is not None:
