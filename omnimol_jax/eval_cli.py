@@ -289,7 +289,7 @@ def run_generate(args: argparse.Namespace) -> int:
             ids, graph = prompt_example(spec, record, session.tokenizer, session.feature_mode)
         except ValueError as err:
             raise EvalError(f"input {args.input!r} for task {spec.key}: {err}") from None
-        if args.number_median and spec.output_type in (tasks.OUTPUT_NUMBER, tasks.OUTPUT_NUMBER_IN_TEXT):
+        if args.number_median and spec.answers_number:
             answer = number_median_decoder(session, args.number_median).generate(
                 [ids], [graph], max_new_tokens=config.max_new_tokens)[0]
             print(session.decode(answer.ids))
@@ -338,8 +338,7 @@ def _group_of(task: str, record: dict) -> Optional[str]:
 
 def _settings(args: argparse.Namespace, session: InferenceSession, config) -> dict:
     return {"checkpoint": str(session.checkpoint.resolve()), "decoding": dataclasses.asdict(config),
-            "mbr_samples": args.mbr_samples,
-            **({"number_median": args.number_median} if args.number_median else {}),  # older folders still resume
+            "mbr_samples": args.mbr_samples, "number_median": args.number_median,
             "constrained": bool(args.constrained), "double_bos": session.tokenizer.double_bos,
             "tokenizer": str(Path(args.tokenizer).resolve()) if args.tokenizer else None}
 
@@ -351,8 +350,10 @@ def _check_settings(out_dir: Path, settings: dict, restart: bool) -> None:
         predictions.unlink()
     if predictions.exists() and path.exists():
         previous = json.loads(path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+        # A setting added after those predictions were made counts as off there: they still resume when it is off.
+        changed = sorted(k for k in set(previous) | set(settings)
+                         if previous.get(k) != settings.get(k) and (k in previous or settings[k]))
+        if changed:
             raise EvalError(f"{predictions} holds predictions made with different settings ({', '.join(changed)}); "
                             f"pass --restart to discard them or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -464,13 +465,13 @@ def train_mean_baselines(results: dict, store, task_ids: dict[str, list[str]], d
     """For number-output tasks, the metrics of always answering the training split's mean (per homolumo
     property), scored on the same test records: the bar a model must clear to have learned anything."""
     from omnimol_jax.data import readers
-    from omnimol_jax.data.tasks import OUTPUT_NUMBER, OUTPUT_NUMBER_IN_TEXT, get_task
+    from omnimol_jax.data.tasks import get_task
     from omnimol_jax.eval import compute_metrics_from_records
     from omnimol_jax.eval.number_metrics import homolumo_property, number_in_text_parser
 
     baselines = {}
     for task in results:
-        if get_task(task).output_type not in (OUTPUT_NUMBER, OUTPUT_NUMBER_IN_TEXT) or task == "yield":
+        if not get_task(task).answers_number or task == "yield":
             continue
         try:
             train = readers.open_task(data_dir, task, "train", layout)
@@ -588,10 +589,9 @@ def _run_eval(args: argparse.Namespace) -> int:
                 continue
             pending.append(PendingExample(record_id, key, example.input_ids, example.graph, record["output"], record))
         bar.set_postfix_str(key)
-        numeric = spec.output_type in (tasks.OUTPUT_NUMBER, tasks.OUTPUT_NUMBER_IN_TEXT)
-        mbr = mbr_config is not None and numeric
+        mbr = mbr_config is not None and spec.answers_number
         for batch in _batches(pending, args.batch_size):
-            if median_decoder is not None and numeric:
+            if median_decoder is not None and spec.answers_number:
                 store.append(_median_prediction_records(batch, session, median_decoder, args.batch_size,
                                                         config.max_new_tokens))
                 bar.update(len(batch))

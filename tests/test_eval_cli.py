@@ -3,6 +3,7 @@ test records (outputs, report, resume) and `omnimol generate` (greedy, beams, co
 import argparse
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -180,6 +181,15 @@ def test_eval_number_median_decodes_number_tasks_only_and_deterministically(corp
     assert len(number) == 2 and all(r["decoding"] == "median-4" and isinstance(r["numbers"], list) for r in number)
     assert all("decoding" not in r for r in records if r["task"] == "dqa")  # other tasks: greedy
     assert json.loads((out / "eval_config.json").read_text())["number_median"] == 4
+    # Where no number was decoded, the answer is greedy's, token for token.
+    greedy_out = tmp_path / "greedy"
+    assert _cli([a if a != str(out) else str(greedy_out) for a in argv[:-2]]) == 0
+    greedy = {r["id"]: r for r in map(json.loads, (greedy_out / "predictions.jsonl").read_text().splitlines())}
+    without_numbers = [r for r in number if not r["numbers"]]
+    assert without_numbers  # this random model writes no numbers: the comparison below covers both records
+    for record in without_numbers:
+        assert (record["prediction"], record["num_tokens"]) == (greedy[record["id"]]["prediction"],
+                                                                greedy[record["id"]]["num_tokens"])
     again = tmp_path / "again"
     assert _cli([a if a != str(out) else str(again) for a in argv]) == 0
     assert (again / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
@@ -210,10 +220,26 @@ def test_generate_prints_answers(checkpoint, capsys):
     capsys.readouterr()
     assert _cli(base + ["--task", "logp", "--input", "[C][C][O]", "--number-median", "4"]) == 0
     median = capsys.readouterr()
-    assert len(median.out.strip().splitlines()) <= 1 and "note:" not in median.err
+    # This random model's answer starts no number (a digit after whitespace or at the start), so median
+    # decoding leaves it exactly greedy's.
+    assert re.search(r"(^|\s)-?\d", greedy) is None
+    assert median.out == greedy and "note:" not in median.err
     assert _cli(base + ["--task", "dqa", "--input", "[C][C][O]", "--number-median", "4",
                         "--instruction", "What is it?"]) == 0
     assert "applies to number-output tasks only" in capsys.readouterr().err
+
+
+def test_settings_added_later_resume_older_predictions_only_when_off(tmp_path):
+    """eval_config.json written before a setting existed: predictions resume while the new setting is off
+    (0 / None / False), and are refused once it is on or an existing setting changes."""
+    (tmp_path / eval_cli.PREDICTIONS_FILE).write_text("")
+    (tmp_path / eval_cli.SETTINGS_FILE).write_text(json.dumps({"checkpoint": "a", "mbr_samples": 0}))
+    eval_cli._check_settings(tmp_path, {"checkpoint": "a", "mbr_samples": 0, "number_median": 0}, restart=False)
+    (tmp_path / eval_cli.SETTINGS_FILE).write_text(json.dumps({"checkpoint": "a", "mbr_samples": 0}))
+    with pytest.raises(eval_cli.EvalError, match=r"different settings \(number_median\)"):
+        eval_cli._check_settings(tmp_path, {"checkpoint": "a", "mbr_samples": 0, "number_median": 16}, restart=False)
+    with pytest.raises(eval_cli.EvalError, match=r"different settings \(checkpoint\)"):
+        eval_cli._check_settings(tmp_path, {"checkpoint": "b", "mbr_samples": 0}, restart=False)
 
 
 def test_record_seeds_are_stable_and_distinct():

@@ -166,7 +166,7 @@ def test_pruned_prefixes_are_spread_over_lengths_and_can_hold_the_median(generat
 
     def choose(rate):
         state = _Row(live=True)
-        state.number = _NumberSearch(outcomes=[(integer_key("5"), 0.3, [11], 0)],
+        state.number = _NumberSearch(number_at=0, outcomes=[(integer_key("5"), 0.3, [11], 0)],
                                      pruned=[(math.log(0.6), [10], rate, 1)], end_rates=[0.5, 1.0])
         decoder._choose_integer(state)
         return state.replay, state.forced_digits, state.numbers[-1]

@@ -91,6 +91,11 @@ class TaskSpec:
         return self.graph_rule != RULE_NONE
 
     @property
+    def answers_number(self) -> bool:
+        """The answer is a number, alone or in a sentence (what MBR / median number decoding apply to)."""
+        return self.output_type in (OUTPUT_NUMBER, OUTPUT_NUMBER_IN_TEXT)
+
+    @property
     def metrics(self) -> tuple[str, ...]:
         return METRIC_SETS[self.metric_set]
 

@@ -2,8 +2,8 @@
 
 Under absolute error the best point answer is the median of the model's distribution over the number, and
 greedy digit decoding finds something else: each digit is the mode given the digits before it. On the demo
-model greedy answers "300.34" for every molecular weight from 300 to 400 (the model orders the molecules
-well, Spearman 0.94, but the second digit's mode is "0"), and "10.40" for TPSAs from 0 to 120, because a
+model greedy answers "300.34" for most molecular weights from 300 to 400 (its leading digit mostly follows
+the truth, but the second digit's mode is "0"), and "10.40" for most TPSAs from 0 to 120, because a
 leading "1" holds 1.x, 10-19 and 100-199 at once. Sampling and answering the median sample (MBR) gets the
 right target but, at the demo's size, a noisy estimate of it.
 
@@ -120,16 +120,11 @@ def _log1mexp(x: float) -> float:
     return math.log(max(-math.expm1(min(x, 0.0)), 1e-30))
 
 
-def _logsumexp(values: np.ndarray) -> float:
-    top = float(np.max(values))
-    return top + math.log(float(np.sum(np.exp(values - top)))) if math.isfinite(top) else top
-
-
 @dataclasses.dataclass
 class MedianAnswer:
-    """One prompt's answer. `numbers` has, per number decoded: the chosen integer part, the mass of the
-    integer parts found (of the number's total, renormalised over start tokens) and the most probable
-    candidates [[integer part, probability], ...]."""
+    """One prompt's answer. `numbers` has, per number decoded: the chosen integer part (a "?" per digit token
+    chosen after a pruned prefix), the mass of the integer parts found (of the number's total, renormalised
+    over start tokens) and the most probable ones found [[integer part, probability], ...]."""
 
     ids: list
     finished: bool
@@ -150,6 +145,7 @@ class _Hypothesis:
 class _NumberSearch:
     """The integer-part enumeration of one number.
 
+    number_at   cache slot of the number's first token (where the answer is rewound to)
     hypotheses  prefixes fed this step (one per cache row)
     pending     prefixes not kept this step: (logmass, ids)
     outcomes    ways the integer part ends: (value key, probability, ids, extra tokens beyond ids)
@@ -158,6 +154,7 @@ class _NumberSearch:
     end_rates   per step, the share of the expanded prefixes' mass that ended there
     """
 
+    number_at: int
     hypotheses: list = dataclasses.field(default_factory=list)
     pending: list = dataclasses.field(default_factory=list)
     outcomes: list = dataclasses.field(default_factory=list)
@@ -174,7 +171,6 @@ class _Row:
         self.finished = False
         self.last_char: Optional[str] = None
         self.number: Optional[_NumberSearch] = None
-        self.number_at = 0  # cache slot of the number's first token
         self.replay: list[int] = []
         self.forced_digits = 0  # digit tokens still owed after the replay (the median fell in a pruned block)
         self.fraction_tokens = 0
@@ -269,7 +265,7 @@ class NumberMedianDecoder:
         with use_mesh(gen.mesh):
             summary, cache = _prefill(gen.graphdef, self.slots, cache_length, gen.state, batch.input_ids,
                                       batch.attention_mask, batch.graphs, self._table_ids, self._digit_mask)
-        logp, best, best_non_digit = (np.repeat(np.asarray(a), self.slots, axis=0) for a in jax.device_get(summary))
+        logp, best, best_non_digit = (np.repeat(a, self.slots, axis=0) for a in self._to_host(summary))
         states = [_Row(live=b < count) for b in range(prompt_rows)]
         index = bucket  # the cache slot the next fed token is written to (shared by all rows)
         total = prompt_rows * self.slots
@@ -287,9 +283,15 @@ class NumberMedianDecoder:
             with use_mesh(gen.mesh):
                 summary, cache = _step(gen.graphdef, gen.state, cache, parents, tokens, feed, keep_before,
                                        self._table_ids, self._digit_mask)
-            logp, best, best_non_digit = (np.asarray(a) for a in jax.device_get(summary))
+            logp, best, best_non_digit = self._to_host(summary)
             index += 1
         return [MedianAnswer(ids=s.ids, finished=s.finished, numbers=s.numbers) for s in states[:count]]
+
+    @staticmethod
+    def _to_host(summary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host arrays; log-probabilities in float64, so sums of many small masses keep their precision."""
+        logp, best, best_non_digit = jax.device_get(summary)
+        return np.asarray(logp, np.float64), np.asarray(best), np.asarray(best_non_digit)
 
     # ------------------------------------------------------------------ per-prompt policy
 
@@ -308,10 +310,8 @@ class NumberMedianDecoder:
         elif state.mode == "replay":
             self._feed_replay(state, b, act, None, max_new_tokens)
         elif state.mode == "forced_digits":
-            digits = logp[row0, self.tokens.digit_cols][self._fraction_order]
-            choice = weighted_median(list(range(len(digits))), np.exp(digits - digits.max()).tolist())
             state.forced_digits -= 1
-            self._emit(state, b, int(self._digit_ids[self._fraction_order[choice]]), act, max_new_tokens,
+            self._emit(state, b, self._median_digit(logp[row0], end_logmass=None), act, max_new_tokens,
                        next_mode="forced_digits" if state.forced_digits else "after_integer")
         elif state.mode == "after_integer":
             token = int(best_non_digit[row0])
@@ -338,9 +338,8 @@ class NumberMedianDecoder:
 
     def _begin_number(self, state: _Row, b: int, logp_row, act: "_Actions", index: int) -> None:
         start = logp_row[self.tokens.start_cols]
-        norm = start - _logsumexp(start)
-        state.number = _NumberSearch()
-        state.number_at = index
+        norm = start - np.logaddexp.reduce(start)
+        state.number = _NumberSearch(number_at=index)
         state.mode = "integer"
         candidates = [(float(norm[c]), [int(self._start_ids[c])], 0) for c in range(len(norm))]
         self._select(state, b, candidates, act)
@@ -364,9 +363,10 @@ class NumberMedianDecoder:
         ended: dict[tuple, list[float]] = {}  # parent prefix -> [mass that ended, mass]
         for h in search.hypotheses:
             digits = logp[b * self.slots + h.slot, self.tokens.digit_cols]
-            if any(ch.isdigit() for ch in h.text(texts)):
-                end = h.logmass + _log1mexp(_logsumexp(digits))
-                search.outcomes.append((integer_key(h.text(texts)), math.exp(end), h.ids, 0))
+            text = h.text(texts)
+            if any(ch.isdigit() for ch in text):
+                end = h.logmass + _log1mexp(np.logaddexp.reduce(digits))
+                search.outcomes.append((integer_key(text), math.exp(end), h.ids, 0))
                 group = ended.setdefault(tuple(h.ids[:-1]), [0.0, 0.0])
                 group[0] += math.exp(end)
                 group[1] += math.exp(h.logmass)
@@ -385,7 +385,7 @@ class NumberMedianDecoder:
         for logmass, ids in search.pending:  # never expanded: assumed to end here
             search.pruned.append((logmass, ids, 1.0, len(search.end_rates)))
         self._choose_integer(state)
-        self._feed_replay(state, b, act, state.number_at, max_new_tokens)
+        self._feed_replay(state, b, act, search.number_at, max_new_tokens)
 
     def _choose_integer(self, state: _Row) -> None:
         """The weighted median over every way the number's integer part can end: the ends found, and for each
@@ -405,11 +405,7 @@ class NumberMedianDecoder:
                 mass -= share
                 if mass <= 0:
                     break
-        if not outcomes:  # no prefix with a digit (only "-" survived): answer the most probable prefix
-            state.replay = list(max(search.pruned, key=lambda p: p[0])[1])
-            state.forced_digits = 0
-            state.numbers.append({"integer": None, "found_mass": 0.0, "candidates": []})
-            return
+        # Never empty: every digit token can start a number, and each start token ends up found or pruned.
         weights = [o[1] for o in outcomes]
         key, _, ids, extra = outcomes[weighted_median([o[0] for o in outcomes], weights)]
         state.replay, state.forced_digits = list(ids), extra
@@ -435,16 +431,25 @@ class NumberMedianDecoder:
 
     def _grow_fraction(self, state: _Row, b: int, logp_row, best_non_digit: int, act: "_Actions",
                        max_new_tokens: int) -> None:
-        digits = logp_row[self.tokens.digit_cols]
-        end = _log1mexp(_logsumexp(digits))
-        masses = np.exp(np.concatenate([[end], digits[self._fraction_order]]))
-        choice = weighted_median(list(range(len(masses))), masses.tolist())  # end sorts first: value 0
-        if choice == 0 or state.fraction_tokens >= self.max_fraction_tokens:
+        end = _log1mexp(np.logaddexp.reduce(logp_row[self.tokens.digit_cols]))
+        token = self._median_digit(logp_row, end_logmass=end)
+        if token is None or state.fraction_tokens >= self.max_fraction_tokens:
             self._emit(state, b, best_non_digit, act, max_new_tokens)
             return
         state.fraction_tokens += 1
-        token = int(self._digit_ids[self._fraction_order[choice - 1]])
         self._emit(state, b, token, act, max_new_tokens, next_mode="fraction")
+
+    def _median_digit(self, logp_row, end_logmass: Optional[float]) -> Optional[int]:
+        """The median digit token of one position in value order (`_fraction_order`), with "the number ends
+        here" first when `end_logmass` is given (None when that is the median)."""
+        digits = logp_row[self.tokens.digit_cols][self._fraction_order]
+        logmass = digits if end_logmass is None else np.concatenate([[end_logmass], digits])
+        choice = weighted_median(list(range(len(logmass))), np.exp(logmass - logmass.max()).tolist())
+        if end_logmass is not None:
+            if choice == 0:
+                return None
+            choice -= 1
+        return int(self._digit_ids[self._fraction_order[choice]])
 
 
 class _Actions:
