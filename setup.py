@@ -29,11 +29,13 @@ setup(
     description="Multitask molecular LLM (Omni-Mol) in JAX/Flax: Llama + GIN graph tower + MoGE LoRA experts",
     python_requires=">=3.11",
     packages=find_packages(include=["omnimol_jax", "omnimol_jax.*"]),
-    package_data={"omnimol_jax": ["py.typed"]},
+    package_data={"omnimol_jax": ["py.typed", "configs/*.yaml", "configs/models/*.yaml"]},
     install_requires=INSTALL_REQUIRES,
     extras_require={
         # torch is only for parity tests/benchmarks; this exact pin resolves to the local CPU wheel.
-        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "nltk>=3.8", "rouge-score>=0.1.2"],
+        "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "nltk>=3.8", "rouge-score>=0.1.2",
+                 # code health checks in the suite (tests/test_layers.py): exact pins keep their verdicts stable
+                 "ruff==0.17.6", "import-linter==2.17"],
         # benchmarks/train_step.py compares against transformers + peft
         "bench": ["peft>=0.12"],
     },

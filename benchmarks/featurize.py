@@ -18,11 +18,11 @@ import time
 
 import numpy as np
 import selfies
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 from rdkit import RDConfig, rdBase
 
 from omnimol_jax.data import graphs as G
 from omnimol_jax.data.featurize import FeaturizationError, selfies_to_graph, smiles_to_graph
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 NCI_SMILES = os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")
 

@@ -19,11 +19,11 @@ import jax
 import numpy as np
 import torch
 from flax import nnx
+from hf_reference import torch_twin
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.model.llama import LlamaForCausalLM, count_parameters
-from hf_reference import torch_twin
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 
 def timed(fn, iters: int) -> list[float]:

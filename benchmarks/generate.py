@@ -24,12 +24,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # hf_ref
 import numpy as np
 import torch
 from flax import nnx
+from hf_reference import torch_twin
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.inference import GenerationConfig, Generator
 from omnimol_jax.model.llama import LlamaForCausalLM, count_parameters
-from hf_reference import torch_twin
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 
 def leading_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.config import LoRAConfig, MoGEConfig, model_config_from_preset
-from omnimol_jax.model.llama import LlamaForCausalLM, Projection, count_parameters, dtype_of
-from omnimol_jax.model.lora import LoRAScale, LoRAWeight, RouterWeight, split_trainable
+from omnimol_jax.model.dtypes import dtype_of
+from omnimol_jax.model.llama import LlamaForCausalLM, Projection, count_parameters
+from omnimol_jax.model.lora import LoRAScale, LoRAWeight, RouterWeight
 from omnimol_jax.model.moge import MoGEFeedForward
 from omnimol_jax.train.flops import compiled_flops
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
+from omnimol_jax.train.recipes import split_trainable
 
 TRAINABLE = nnx.Any(LoRAWeight, LoRAScale, RouterWeight)
 

@@ -22,7 +22,9 @@ from machine import describe_machine  # benchmarks/machine.py (the script folder
 
 
 def run_mode(data_dir: str, mode: str, args: argparse.Namespace) -> dict:
-    from omnimol_jax.data.pipeline import DataConfig, Pipeline, batch_statistics
+    from omnimol_jax.config import DataConfig
+    from omnimol_jax.data.packing import batch_statistics
+    from omnimol_jax.data.pipeline import Pipeline
 
     config = DataConfig(data_dir=data_dir, seq_len=args.seq_len, batch_size=args.batch_size, batching=mode,
                         num_threads=args.threads, num_workers=args.workers, prefetch_batches=2, process_index=0,

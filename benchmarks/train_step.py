@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 from flax import nnx
+from hf_reference import torch_twin
+from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, LoRAConfig, MoGEConfig, TrainConfig, model_config_from_preset
-from omnimol_jax.model.lora import trainable_filter
 from omnimol_jax.train.flops import compiled_flops, measure_matmul_peak
+from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
-from hf_reference import torch_twin
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from omnimol_jax.config import ConfigError, ModelConfig, build_dataclass
+from omnimol_jax.config import ConfigError, GraphConfig, ModelConfig, build_dataclass
 
 FORMAT_VERSION = 1
 META_FILE = "omnimol_checkpoint.json"
@@ -227,8 +227,6 @@ def load_params(directory: str | os.PathLike, shardings: Optional[FlatParams] = 
 
 def read_graph_config(meta: dict):
     """The GraphConfig of a full Omni-Mol checkpoint, or None for a plain language-model checkpoint."""
-    from omnimol_jax.config import GraphConfig
-
     if meta.get("graph") is None:
         return None
     try:
@@ -237,14 +235,11 @@ def read_graph_config(meta: dict):
         raise CheckpointError(f"unreadable graph config in checkpoint metadata: {err}") from err
 
 
-def omnimol_constructor(model_config: ModelConfig, graph_config, seed: int = 0):
+def omnimol_constructor(model_config: ModelConfig, graph_config: GraphConfig, seed: int = 0):
     """A deterministic no-argument constructor of the full model (for abstract or sharded init)."""
-    from omnimol_jax.model.gin import GINConfig
     from omnimol_jax.model.omnimol import OmniMolModel
 
-    gin = GINConfig(num_layers=graph_config.num_layers, hidden_size=graph_config.hidden_size)
-    return lambda: OmniMolModel(model_config, gin_config=gin, projector_type=graph_config.projector_type,
-                                rngs=nnx.Rngs(seed))
+    return lambda: OmniMolModel(model_config, graph_config, rngs=nnx.Rngs(seed))
 
 
 def save_omnimol_checkpoint(directory: str | os.PathLike, model_config: ModelConfig, graph_config,

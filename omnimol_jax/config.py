@@ -1,9 +1,10 @@
 """Typed configuration: dataclasses loaded from YAML with dotted `key=value` overrides, validated.
 
-One run config (e.g. `configs/base.yaml`) names a model preset (`model.preset: tiny`); the preset file
-`configs/models/<preset>.yaml` supplies the model shape, and keys given explicitly in the run config or on
-the command line win over it. Every key is checked against the dataclasses: an unknown key or a value of
-the wrong type fails before anything is built, with the closest valid key suggested.
+One run config (e.g. `configs/demo.yaml`) names a model preset (`model.preset: tiny`); the preset file
+`omnimol_jax/configs/models/<preset>.yaml` (package data, so a wheel carries it) supplies the model shape, and
+keys given explicitly in the run config or on the command line win over it. Every key is checked against the
+dataclasses: an unknown key or a value of the wrong type fails before anything is built, with the closest valid
+key suggested. Sections validate in one style: `_require(condition, dotted key, message)` raising ConfigError.
 """
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-from omnimol_jax.data.pipeline import DataConfig
+from omnimol_jax import tasks
+from omnimol_jax.constants import FEATURE_MODES, LAYOUTS, OGB_ATOM_FEATURE_DIMS, OGB_BOND_FEATURE_DIMS, SPLITS
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = Path(os.environ.get("OMNIMOL_CONFIG_DIR", REPO_ROOT / "configs"))
+# Package data: the default run config (base.yaml) and the model presets (models/<preset>.yaml).
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+BASE_CONFIG = CONFIG_DIR / "base.yaml"
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
 
 
@@ -154,6 +157,13 @@ class ModelConfig:
     def num_query_groups(self) -> int:
         return self.num_heads // self.num_kv_heads
 
+    def position_overflow(self, prompt_tokens: int, new_tokens: int) -> Optional[str]:
+        """Why a prompt plus its generation does not fit the model's positions, or None when it does."""
+        if prompt_tokens + new_tokens <= self.max_position_embeddings:
+            return None
+        return (f"prompt of {prompt_tokens} tokens + {new_tokens} new tokens exceeds the model's "
+                f"{self.max_position_embeddings} positions")
+
     def validate(self) -> None:
         _require(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
                  f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
@@ -175,7 +185,10 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GraphConfig:
-    """The molecule side: RDKit features, the MoleculeSTM GIN (frozen) and the projector into the LLM."""
+    """The molecule side: RDKit features, the MoleculeSTM GIN and the projector into the LLM (SPEC.md section 1).
+
+    The one place the feature mode lives: the pipeline featurises with it and the GIN sums the columns it gives.
+    """
 
     # omnimol: 2 atom + 2 bond features (what the released checkpoints saw); ogb: all 9 + 3.
     feature_mode: Literal["omnimol", "ogb"] = "omnimol"
@@ -185,12 +198,146 @@ class GraphConfig:
     # A tower that starts random (no init.moleculestm, none in init.checkpoint) gets its batch-norm statistics
     # from this many training graphs before step 0 (GIN.calibrate_batch_norms); 0 keeps the (0, 1) defaults.
     calibration_graphs: int = 512
+    # The embedding tables hold every OGB column, so one tower serves both feature modes.
+    atom_feature_dims: tuple[int, ...] = OGB_ATOM_FEATURE_DIMS
+    bond_feature_dims: tuple[int, ...] = OGB_BOND_FEATURE_DIMS
+    batch_norm_eps: float = 1e-5  # torch BatchNorm1d default
 
     def validate(self) -> None:
+        _require(self.feature_mode in FEATURE_MODES, "graph.feature_mode",
+                 f"{self.feature_mode!r} is not one of {FEATURE_MODES}")
         _require(self.num_layers >= 1, "graph.num_layers", f"must be >= 1, got {self.num_layers}")
         _require(self.hidden_size >= 1, "graph.hidden_size", f"must be >= 1, got {self.hidden_size}")
         _require(self.calibration_graphs >= 0, "graph.calibration_graphs",
                  f"must be >= 0, got {self.calibration_graphs}")
+        _require(len(self.atom_feature_dims) >= 9 and len(self.bond_feature_dims) >= 3, "graph.atom_feature_dims",
+                 "the tables need all 9 atom and 3 bond OGB columns")
+
+
+BATCHING_MODES = ("pack", "bucket", "pad")
+MIXTURE_MODES = ("concat", "weighted")
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Data pipeline settings (the `data` section of the run config). Graph features: `graph.feature_mode`."""
+
+    data_dir: str = "data/builtin"
+    layout: str = "omnimol"  # omnimol (Omni-Mol release / built-in corpus) | mol_instructions
+    # "all" (every task with a file in data_dir), "paper" (those of the paper's 16 tasks) or
+    # "task[:value]/task[:value]/..."; the value is the kept fraction (concat) or the weight (weighted), default 1.
+    tasks: str = "all"
+    mixture: str = "concat"  # concat | weighted
+    split: str = "train"
+    tokenizer: str = ""  # tokenizer.json or a folder holding one; "" = <data_dir>/tokenizer
+    double_bos: bool = True  # two BOS tokens as in the public code (checkpoint compatibility)
+    seq_len: int = 512  # tokens per row (graph slots included)
+    batch_size: int = 8  # rows per batch on this process
+    batching: str = "pack"  # pack | bucket | pad
+    max_samples_per_row: int = 8  # packing: samples (segments) per row
+    nodes_per_row: int = 0  # atoms per row; 0 = seq_len // 4
+    edges_per_row: int = 0  # directed bonds per row; 0 = 3 * nodes_per_row
+    pack_window_batches: int = 8  # packing bins = batch_size * this
+    bucket_boundaries: tuple[int, ...] = ()  # bucket row lengths; () = seq_len/8, /4, /2, 1 (multiples of 8)
+    bucket_window_batches: int = 16  # samples sorted into buckets per window = batch_size * this
+    strict: bool = False  # raise on the first bad record instead of skipping it
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: Optional[int] = None  # None: repeat forever
+    num_threads: int = 2  # Grain read threads per process
+    num_workers: int = 0  # Grain worker processes (0: none)
+    prefetch_batches: int = 2  # batches prepared ahead by DataIterator's thread (0: no thread)
+    process_index: Optional[int] = None  # None: jax.process_index()
+    process_count: Optional[int] = None  # None: jax.process_count()
+    molcap_drop_selfies_if_too_long: bool = True  # as the public code: retry molcap with the question only
+    # Fail (naming the reasons) after this many rejected records in a row, instead of cycling forever through
+    # a stream in which nothing fits (e.g. seq_len far too short).
+    max_consecutive_rejections: int = 5000
+    max_logged_examples: int = 3  # first bad records logged per (task, reason)
+
+    def validate(self) -> None:
+        _require(self.layout in LAYOUTS, "data.layout", f"{self.layout!r} is not one of {LAYOUTS}")
+        _require(self.mixture in MIXTURE_MODES, "data.mixture", f"{self.mixture!r} is not one of {MIXTURE_MODES}")
+        _require(self.batching in BATCHING_MODES, "data.batching",
+                 f"{self.batching!r} is not one of {BATCHING_MODES}")
+        _require(self.split in SPLITS, "data.split", f"{self.split!r} is not one of {SPLITS}")
+        _require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
+        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.max_samples_per_row >= 1, "data.max_samples_per_row", "must be >= 1")
+        _require(self.nodes_per_row >= 0 and self.edges_per_row >= 0, "data.nodes_per_row", "budgets must be >= 0")
+        _require(self.pack_window_batches >= 1 and self.bucket_window_batches >= 1, "data.pack_window_batches",
+                 "window sizes must be >= 1")
+        _require(self.num_epochs is None or self.num_epochs >= 1, "data.num_epochs", "must be >= 1 or null")
+        _require(0 <= self.seed < 2 ** 31, "data.seed", "must be in [0, 2**31)")
+        if self.process_index is not None or self.process_count is not None:
+            _require(self.process_index is not None and self.process_count is not None, "data.process_index",
+                     "set both process_index and process_count, or neither")
+            _require(0 <= self.process_index < self.process_count, "data.process_index",
+                     f"must be in [0, {self.process_count})")
+        boundaries = list(self.bucket_boundaries)
+        _require(boundaries == sorted(boundaries) and all(b > 0 for b in boundaries)
+                 and (not boundaries or boundaries[-1] <= self.seq_len), "data.bucket_boundaries",
+                 f"must be increasing, positive and at most seq_len, got {boundaries}")
+        parse_mixture(self.tasks, self.mixture)
+
+    @property
+    def row_nodes(self) -> int:
+        return self.nodes_per_row or self.seq_len // 4
+
+    @property
+    def row_edges(self) -> int:
+        return self.edges_per_row or 3 * self.row_nodes
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        if self.bucket_boundaries:
+            boundaries = list(self.bucket_boundaries)
+            return tuple(boundaries if boundaries[-1] == self.seq_len else boundaries + [self.seq_len])
+        fractions = (8, 4, 2)
+        found = sorted({max(8, (self.seq_len // f) // 8 * 8) for f in fractions if self.seq_len // f >= 8})
+        return tuple(b for b in found if b < self.seq_len) + (self.seq_len,)
+
+    @property
+    def segments_per_row(self) -> int:
+        return self.max_samples_per_row if self.batching == "pack" else 1
+
+    def tokenizer_path(self) -> Path:
+        return Path(self.tokenizer) if self.tokenizer else Path(self.data_dir) / "tokenizer"
+
+
+def parse_mixture(text: str, mixture: str = "concat") -> list[tuple[str, Optional[float]]]:
+    """'forward:1/retrosynthesis:0.5' -> [('forward', 1.0), ('retrosynthesis', 0.5)]; 'all' / 'paper' ->
+    [('all', None)] / [('paper', None)] (resolved against the files present).
+
+    In concat mode a value is the kept fraction, in (0, 1] (the public code subsamples, never upweights);
+    in weighted mode any positive weight. Errors are ConfigErrors naming `data.tasks`.
+    """
+    text = text.strip()
+    if text in ("all", "paper"):
+        return [(text, None)]
+    entries = []
+    for part in text.replace(",", "/").split("/"):
+        part = part.strip()
+        if not part:
+            continue
+        name, _, value = part.partition(":")
+        name = name.strip()
+        _require(name in tasks.TASKS, "data.tasks", f"unknown task {name!r}{_suggest(name, tasks.TASK_KEYS)} "
+                 f"(known: {', '.join(tasks.TASK_KEYS)})")
+        try:
+            number = float(value) if value.strip() else 1.0
+        except ValueError:
+            raise ConfigError(f"data.tasks: mixture entry {part!r}: {value!r} is not a number") from None
+        if mixture == "concat":
+            _require(0.0 < number <= 1.0, "data.tasks", f"mixture entry {part!r}: in concat mode a task keeps a "
+                     "fraction in (0, 1] of its records (use mixture=weighted to upweight)")
+        if mixture == "weighted":
+            _require(number > 0.0, "data.tasks", f"mixture entry {part!r}: weights must be > 0")
+        entries.append((name, number))
+    _require(bool(entries), "data.tasks", f"no task in mixture {text!r}")
+    names = [n for n, _ in entries]
+    _require(len(set(names)) == len(names), "data.tasks", f"a task appears twice in mixture {text!r}")
+    return entries
 
 
 @dataclasses.dataclass
@@ -297,14 +444,7 @@ class Config:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if hasattr(value, "validate"):
-                try:
-                    value.validate()
-                except ConfigError:
-                    raise
-                except ValueError as err:  # sections that raise plain ValueErrors still name their key
-                    raise ConfigError(str(err)) from err
-        _require(self.data.feature_mode == self.graph.feature_mode, "data.feature_mode",
-                 f"{self.data.feature_mode!r} differs from graph.feature_mode {self.graph.feature_mode!r}")
+                value.validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -395,6 +535,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported annotation {tp!r}")
 
 
+# Keys that moved, so an old config gets told where its key went.
+MOVED_KEYS = {"data.feature_mode": "graph.feature_mode"}
+
+
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     """Builds `cls` from a dict, rejecting unknown keys (with a suggestion) and values of the wrong type."""
     hints = typing.get_type_hints(cls)
@@ -402,6 +546,8 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
+        if dotted in MOVED_KEYS:
+            raise ConfigError(f"{dotted}: this key moved to {MOVED_KEYS[dotted]}")
         if key not in names:
             raise ConfigError(f"{dotted}: unknown key{_suggest(str(key), names)} (valid: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], dotted)
@@ -495,12 +641,26 @@ def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequenc
 
 
 def model_config_from_preset(name: str, **overrides: Any) -> ModelConfig:
-    """Convenience for code and tests: a validated ModelConfig from `configs/models/<name>.yaml`."""
+    """Convenience for code and tests: a validated ModelConfig from the preset `<name>`."""
     values = load_model_preset(name)
     values.update(overrides, preset=name)
     model = build_dataclass(ModelConfig, values, prefix="model")
     model.validate()
     return model
+
+
+def mesh_config_from_text(text: str) -> MeshConfig:
+    """'data=2,tensor=4' -> MeshConfig (the `mesh` section's key=value overrides; unnamed axes are 1 and `data`
+    takes the remaining devices unless sized)."""
+    sizes = {"data": -1, "fsdp": 1, "tensor": 1, "expert": 1}
+    for part in text.split(","):
+        keys, value = parse_override(part.strip())
+        _require(len(keys) == 1 and keys[0] in sizes and isinstance(value, int) and not isinstance(value, bool),
+                 "mesh", f"{part.strip()!r} is not AXIS=SIZE with AXIS in {', '.join(sizes)}")
+        sizes[keys[0]] = value
+    config = build_dataclass(MeshConfig, sizes, prefix="mesh")
+    config.validate()
+    return config
 
 
 def save_config(config: Any, path: str | os.PathLike) -> None:

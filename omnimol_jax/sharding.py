@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import dataclasses
 import logging
 import math
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -129,7 +128,8 @@ def state_shardings(state: Any, mesh: Mesh) -> Any:
         if axes is None:
             return variable.replace(NamedSharding(mesh, PartitionSpec()))
         if len(axes) != len(value.shape):
-            raise ValueError(f"logical_axes {axes} do not match the shape {value.shape} of a {type(variable).__name__}")
+            raise ValueError(f"logical_axes {axes} do not match the shape {value.shape} of a "
+                             f"{type(variable).__name__}")
         return variable.replace(named_sharding(mesh, axes, value.shape))
 
     return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -173,10 +173,6 @@ def use_mesh(mesh: Optional[Mesh]) -> Iterator[Optional[Mesh]]:
         _active_mesh.reset(token)
 
 
-def active_mesh() -> Optional[Mesh]:
-    return _active_mesh.get()
-
-
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside `use_mesh`."""
     mesh = _active_mesh.get()
@@ -194,23 +190,3 @@ def tree_batch_shardings(tree: Any, mesh: Mesh) -> Any:
     """Per-leaf batch shardings for a pytree of [batch, ...] arrays (indivisible batches replicate)."""
     return jax.tree.map(lambda x: named_sharding(mesh, ("activation_batch",) + (None,) * (np.ndim(x) - 1),
                                                  np.shape(x)), tree)
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardingReport:
-    """What ended up where: one row per parameter, for logs and tests."""
-
-    rows: tuple[tuple[str, tuple, Any], ...]
-
-    def __str__(self) -> str:
-        return "\n".join(f"{path:60s} {str(shape):22s} {spec}" for path, shape, spec in self.rows)
-
-
-def sharding_report(state: Any) -> ShardingReport:
-    rows = []
-    for path, variable in nnx.to_flat_state(state):
-        value = variable.get_value() if hasattr(variable, "get_value") else variable.value
-        sharding = getattr(value, "sharding", None)
-        spec = sharding.spec if isinstance(sharding, NamedSharding) else sharding
-        rows.append(("/".join(map(str, path)), tuple(value.shape), spec))
-    return ShardingReport(tuple(rows))

@@ -1,5 +1,14 @@
-"""Test setup: 8 fake CPU devices (must be set before jax initialises) and the `slow` marker."""
+"""Test setup: 8 fake CPU devices (must be set before jax initialises) and the `slow` marker.
+
+Tests are laid out by kind: unit/ (one module's behaviour), parity/ (against torch / transformers / peft
+references), e2e/ (commands and whole runs). Shared reference code lives beside this file (hf_reference.py,
+gin_reference_torch.py, data_records.py) and is importable from every kind.
+"""
 import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -19,8 +19,18 @@ import ml_dtypes
 import numpy as np
 from tqdm.auto import tqdm
 
-from omnimol_jax.checkpoint import (ASSETS_DIR, CheckpointError, FlatParams, atomic_directory, flat_variables,
-                                    load_params, params_metadata, read_metadata, save_params, write_metadata)
+from omnimol_jax.checkpoint import (
+    ASSETS_DIR,
+    CheckpointError,
+    FlatParams,
+    atomic_directory,
+    flat_variables,
+    load_params,
+    params_metadata,
+    read_metadata,
+    save_params,
+    write_metadata,
+)
 from omnimol_jax.config import ConfigError, ModelConfig
 from omnimol_jax.convert import safetensors_io as st
 
@@ -180,7 +190,8 @@ def hf_config_from_model(config: ModelConfig, dtype: Optional[str] = None) -> di
         "use_cache": True, "dtype": dtype or config.param_dtype,
         # Both spellings: transformers >= 5 reads rope_parameters, 4.x reads rope_theta/rope_scaling.
         "rope_parameters": rope, "rope_theta": config.rope_theta,
-        "rope_scaling": None if config.rope_type == "default" else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "rope_scaling": (None if config.rope_type == "default"
+                         else {k: v for k, v in rope.items() if k != "rope_theta"}),
     }
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(config, key) is not None:
@@ -206,10 +217,6 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 def params_to_hf_state_dict(config: ModelConfig, params: FlatParams) -> dict[str, np.ndarray]:
     return {m.hf_name: np.ascontiguousarray(m.to_hf(np.asarray(params[m.path]))) for m in tensor_table(config)}
-
-
-def params_from_hf_state_dict(config: ModelConfig, state_dict: dict[str, np.ndarray]) -> FlatParams:
-    return {m.path: np.ascontiguousarray(m.from_hf(np.asarray(state_dict[m.hf_name]))) for m in tensor_table(config)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,13 +22,14 @@ Files are read with `torch.load(path, map_location="cpu", weights_only=True)` on
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Union
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnimol_jax.model.gin import GIN, GINConfig
+from omnimol_jax.config import GraphConfig
+from omnimol_jax.model.gin import GIN
 
 KNOWN_PREFIXES: tuple[str, ...] = ("graph_tower.gnn.molecule_node_model.", "gnn.molecule_node_model.",
                                    "molecule_node_model.", "")
@@ -36,7 +37,7 @@ DROPPED_KEY_PARTS: tuple[str, ...] = ("graph_pred_linear",)
 IGNORED_KEY_SUFFIXES: tuple[str, ...] = ("num_batches_tracked",)
 _ANCHOR = "atom_encoder.atom_embedding_list.0.weight"
 
-Path = tuple[Union[str, int], ...]
+Path = tuple[str | int, ...]
 
 
 class MoleculeSTMImportError(ValueError):
@@ -49,7 +50,7 @@ def _bn_entries(torch_prefix: str, path: Path) -> dict[str, tuple[Path, bool]]:
             f"{torch_prefix}.running_var": (path + ("var",), False)}
 
 
-def moleculestm_key_map(config: GINConfig = GINConfig()) -> dict[str, tuple[Path, bool]]:
+def moleculestm_key_map(config: GraphConfig = GraphConfig()) -> dict[str, tuple[Path, bool]]:
     """torch key (without prefix) -> (path of the GIN variable, transpose?)."""
     table: dict[str, tuple[Path, bool]] = {}
     for i in range(len(config.atom_feature_dims)):
@@ -76,7 +77,7 @@ def _variable_at(module: nnx.Module, path: Path) -> nnx.Variable:
     return node
 
 
-def read_torch_state_dict(path: Union[str, os.PathLike]) -> dict[str, np.ndarray]:
+def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A torch state dict file as numpy arrays (floating tensors as float32), loaded with weights_only=True."""
     import torch  # only needed for importing torch files
 
@@ -102,7 +103,7 @@ def _detect_prefix(keys: list[str]) -> str:
     return "molecule_node_model."
 
 
-def gin_params_from_moleculestm(state_dict: Mapping[str, Any], config: GINConfig = GINConfig(), *,
+def gin_params_from_moleculestm(state_dict: Mapping[str, Any], config: GraphConfig = GraphConfig(), *,
                                 source: str = "<state dict>") -> dict[Path, np.ndarray]:
     """GIN variable path -> array (transposed/reshaped to the GIN's layout), or MoleculeSTMImportError."""
     keys = list(state_dict)
@@ -150,13 +151,13 @@ def gin_params_from_moleculestm(state_dict: Mapping[str, Any], config: GINConfig
     return params
 
 
-def _expected_shapes(config: GINConfig) -> dict[Path, tuple[int, ...]]:
+def _expected_shapes(config: GraphConfig) -> dict[Path, tuple[int, ...]]:
     abstract = nnx.eval_shape(lambda: GIN(config, rngs=nnx.Rngs(0)))
     return {path: tuple(_variable_at(abstract, path).get_value().shape)
             for path, _ in moleculestm_key_map(config).values()}
 
 
-def load_moleculestm(gin: GIN, checkpoint: Union[str, os.PathLike, Mapping[str, Any]]) -> GIN:
+def load_moleculestm(gin: GIN, checkpoint: str | os.PathLike | Mapping[str, Any]) -> GIN:
     """Loads a MoleculeSTM / Omni-Mol graph-tower checkpoint (file path or state dict) into `gin` in place."""
     if isinstance(checkpoint, Mapping):
         state_dict, source = checkpoint, "<state dict>"

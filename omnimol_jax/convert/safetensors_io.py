@@ -12,7 +12,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterable, Optional
 
 import ml_dtypes
 import numpy as np
@@ -190,11 +190,6 @@ def write_checkpoint(directory: Path, tensors: list[PlannedTensor], max_shard_by
     index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     return paths
-
-
-def iter_tensors(infos: dict[str, TensorInfo]) -> Iterator[tuple[str, np.ndarray]]:
-    for name, info in infos.items():
-        yield name, load_tensor(info)
 
 
 def parse_size(text: str) -> int:

@@ -47,7 +47,7 @@ from rdkit.Chem import AllChem, Crippen, Descriptors, GraphDescriptors, rdMolDes
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from omnimol_jax.data.readers import JsonArrayWriter
-from omnimol_jax.data.tasks import MOLCAP_QUESTIONS, TASKS
+from omnimol_jax.tasks import INSTRUCTIONS, MOLCAP_QUESTIONS, TASKS
 
 logger = logging.getLogger(__name__)
 
@@ -604,28 +604,6 @@ def unique_edit_product(mol: Chem.Mol, edit: Edit) -> Optional[str]:
 # --------------------------------------------------------------------------------------------------
 # Building.
 
-INSTRUCTIONS: dict[str, tuple[str, ...]] = {
-    "forward": ("With the provided reactants and reagents, propose a potential product:",
-                "Based on the given reactants, what product could be formed?",
-                "Given the following reactants, predict the product of the reaction."),
-    "retrosynthesis": ("Please suggest potential reactants used in the synthesis of the provided product.",
-                       "Which reactants could be used to make this product?",
-                       "Propose starting materials for the synthesis of this molecule."),
-    "weight": ("What is the molecular weight of this molecule?", "Calculate the molecular weight of this molecule.",
-               "Please provide the molecular weight of the given molecule."),
-    "logp": ("What is the LogP of this molecule?", "Estimate the octanol-water partition coefficient (LogP) "
-             "of this molecule.", "Please provide the LogP value of the given molecule."),
-    "tpsa": ("What is the topological polar surface area (TPSA) of this molecule?",
-             "Calculate the TPSA of this compound.", "Please provide the topological polar surface area of "
-             "the given compound."),
-    "complexity": ("What is the complexity of this molecule?", "Estimate the Bertz complexity of this compound.",
-                   "Please provide the molecular complexity of the given compound."),
-    "iupac": ("Translate the given IUPAC name into a molecule.", "Please give the molecule with this name.",
-              "Which molecule does this name describe?"),
-    "textguidedmolgen": ("Create a molecule that fits the description.",
-                         "Design a molecule with the structure described below.",
-                         "Generate a molecule matching the given description."),
-}
 HOMOLUMO_INSTRUCTIONS: dict[str, tuple[str, ...]] = {
     "HOMO": ("Please provide the HOMO energy value for this molecule.",
              "What is the HOMO energy (in Hartree) of this molecule?"),
@@ -945,8 +923,8 @@ def build_corpus(out_dir: str | os.PathLike, config: Optional[CorpusConfig] = No
         if progress is not None:
             progress(f"task {task}", len(records))
     if config.tokenizer:
-        from omnimol_jax.data.tasks import SYSTEM_PROMPT
         from omnimol_jax.data.tokenizer import train_bpe_tokenizer
+        from omnimol_jax.tasks import SYSTEM_PROMPT
 
         texts.extend([SYSTEM_PROMPT, *MOLCAP_QUESTIONS])
         train_bpe_tokenizer(texts, out_dir / "tokenizer", vocab_size=config.tokenizer_vocab_size)

@@ -33,15 +33,9 @@ import selfies
 from rdkit import Chem, rdBase
 from rdkit.Chem import rdchem
 
+from omnimol_jax.constants import FEATURE_MODES, NUM_ATOM_FEATURES, NUM_BOND_FEATURES
+
 FeatureMode = Literal["omnimol", "ogb"]
-FEATURE_MODES: tuple[str, ...] = ("omnimol", "ogb")
-
-# Embedding-table sizes of the MoleculeSTM GIN (OGB AtomEncoder / BondEncoder with ogb 1.2 lists).
-OGB_ATOM_FEATURE_DIMS: tuple[int, ...] = (119, 4, 12, 12, 10, 6, 6, 2, 2)
-OGB_BOND_FEATURE_DIMS: tuple[int, ...] = (5, 6, 2)
-
-NUM_ATOM_FEATURES = {"omnimol": 2, "ogb": 9}
-NUM_BOND_FEATURES = {"omnimol": 2, "ogb": 3}
 
 WILDCARD_ATOM_INDEX = 118  # the '*' atom (atomic number 0); also OGB's "misc" atomic-number row
 

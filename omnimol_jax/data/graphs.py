@@ -1,7 +1,8 @@
 """Batching molecule graphs into one padded `jraph.GraphsTuple` with static budgets.
 
-jraph stays behind this module: only `GraphsTuple`, `batch_np`, `pad_with_graphs` and the padding masks
-are used, so the dependency can be replaced without touching model code.
+The batch type itself (`GraphBatch`, the model's input) lives in `omnimol_jax.model.graph_batch`; this module
+builds it on the host. jraph stays behind these two modules (`GraphsTuple`, `batch_np`, `pad_with_graphs`
+and the padding masks), so the dependency can be replaced without touching other code.
 
 A batch holds at most one graph per sample (row) of the token batch; graphs appear in row order (for
 packed rows: in the order of their graph slots), so that the k-th graph slot of a row is the k-th real node
@@ -19,17 +20,17 @@ from __future__ import annotations
 import collections
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Literal, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Literal, Optional, Sequence
 
-import jax
-import jax.numpy as jnp
 import jraph
 import numpy as np
+
+# The model's input type; building it is this module's job (the one import of the model from the data layer).
+from omnimol_jax.model.graph_batch import GraphBatch, GraphsTuple
 
 if TYPE_CHECKING:  # featurize imports RDKit; model code imports this module without it
     from omnimol_jax.data.featurize import MolGraph
 
-GraphsTuple = jraph.GraphsTuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,35 +101,12 @@ def choose_budget(num_nodes: Sequence[int], num_edges: Sequence[int], batch_size
     return GraphBudget(max_nodes=max_nodes, max_edges=max_edges, max_graphs=batch_size + 1)
 
 
-class GraphBatch(NamedTuple):
-    """A padded graph batch (a pytree, so it passes through jit).
-
-    graphs: nodes int32 [N_pad, F], edges int32 [E_pad, Fb], senders/receivers int32 [E_pad],
-        n_node/n_edge int32 [G_pad]; real graphs first, then jraph's padding graph and empty graphs.
-    node_sample_index: int32 [N_pad], the token-batch row of each node, -1 for padding nodes.
-    graph_sample_index: int32 [G_pad], the row of each graph, -1 for padding graphs.
-    """
-
-    graphs: GraphsTuple
-    node_sample_index: jax.Array
-    graph_sample_index: jax.Array
-
-    @property
-    def num_node_slots(self) -> int:
-        return int(self.node_sample_index.shape[0])
-
-
-def node_mask(batch: GraphBatch) -> jax.Array:
-    """bool [N_pad]: True for real nodes (works under jit)."""
-    return jraph.get_node_padding_mask(batch.graphs)
-
-
-def edge_mask(batch: GraphBatch) -> jax.Array:
-    return jraph.get_edge_padding_mask(batch.graphs)
-
-
-def graph_mask(batch: GraphBatch) -> jax.Array:
-    return jraph.get_graph_padding_mask(batch.graphs)
+def prompt_graph_budget(graphs: Sequence[Optional["MolGraph"]], rows: int) -> GraphBudget:
+    """Power-of-two node / edge budgets that hold every graph of the batch (few distinct shapes -> few compiles)."""
+    nodes = sum(g.num_nodes for g in graphs if g is not None)
+    edges = sum(g.num_edges for g in graphs if g is not None)
+    return GraphBudget(max_nodes=max(64, next_power_of_two(nodes + 1)), max_edges=max(128, next_power_of_two(edges)),
+                       max_graphs=rows + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,20 +218,63 @@ def batch_graphs(graphs: Sequence[Optional["MolGraph"]], budget: GraphBudget, *,
         if feature_widths is None:
             raise ValueError("no row has a graph: pass feature_widths=(atom features, bond features)")
         real = _empty_graphs(*feature_widths)
+    return _pad_to_budget(real, [row for row, _ in kept], budget), skipped
+
+
+def batch_row_graphs(node_features: Sequence[np.ndarray], node_segments: Sequence[np.ndarray],
+                     edge_index: Sequence[np.ndarray], edge_features: Sequence[np.ndarray],
+                     edge_segments: Sequence[np.ndarray], budget: GraphBudget) -> GraphBatch:
+    """The graph batch of packed rows, read straight from each row's node and bond arrays (no per-sample graphs).
+
+    Row r: node_features [n, F] and node_segments [n] (the sample each atom belongs to, 0 = padding);
+    edge_index [e, 2] (atom indices local to their sample), edge_features [e, Fb], edge_segments [e]. Each
+    (row, segment) with atoms is one graph; graphs come in row order, then segment order, which is the order of
+    the rows' graph slots. Raises ValueError when the rows hold more than the budget.
+    """
+    nodes, edges, senders, receivers, n_node, n_edge, graph_rows = [], [], [], [], [], [], []
+    base = 0
+    for row, (feats, segments) in enumerate(zip(node_features, node_segments)):
+        real = np.flatnonzero(segments > 0)
+        if real.size == 0:
+            continue
+        order = real[np.argsort(segments[real], kind="stable")]  # atoms grouped by sample, in slot order
+        graph_ids, counts = np.unique(segments[order], return_counts=True)
+        starts = base + np.concatenate([[0], np.cumsum(counts)[:-1]])
+        edge_real = np.flatnonzero(edge_segments[row] > 0)
+        edge_order = edge_real[np.argsort(edge_segments[row][edge_real], kind="stable")]
+        edge_graph = np.searchsorted(graph_ids, edge_segments[row][edge_order])
+        local = edge_index[row][edge_order]
+        nodes.append(feats[order])
+        edges.append(edge_features[row][edge_order])
+        senders.append(local[:, 0] + starts[edge_graph])
+        receivers.append(local[:, 1] + starts[edge_graph])
+        n_node.append(counts)
+        n_edge.append(np.bincount(edge_graph, minlength=len(graph_ids)))
+        graph_rows.extend([row] * len(graph_ids))
+        base += int(counts.sum())
+    if not nodes:
+        real_graphs = _empty_graphs(node_features[0].shape[1], edge_features[0].shape[1])
+    else:
+        real_graphs = GraphsTuple(nodes=np.concatenate(nodes), edges=np.concatenate(edges),
+                                  senders=np.concatenate(senders), receivers=np.concatenate(receivers),
+                                  n_node=np.concatenate(n_node), n_edge=np.concatenate(n_edge), globals=None)
+    if not budget.fits(base, len(real_graphs.senders), len(graph_rows)):
+        raise ValueError(f"the rows hold {base} atoms, {len(real_graphs.senders)} bonds and {len(graph_rows)} "
+                         f"graphs, more than the budget {budget}")
+    return _pad_to_budget(real_graphs, graph_rows, budget)
+
+
+def _pad_to_budget(real: GraphsTuple, rows: Sequence[int], budget: GraphBudget) -> GraphBatch:
+    """Pads concatenated real graphs (graph i in token-batch row rows[i]) to exactly the budget's sizes."""
     padded = jraph.pad_with_graphs(real, n_node=budget.max_nodes, n_edge=budget.max_edges,
                                    n_graph=budget.max_graphs)
     padded = padded._replace(
         nodes=padded.nodes.astype(np.int32), edges=padded.edges.astype(np.int32),
         senders=padded.senders.astype(np.int32), receivers=padded.receivers.astype(np.int32),
         n_node=padded.n_node.astype(np.int32), n_edge=padded.n_edge.astype(np.int32))
-
     graph_rows = np.full((budget.max_graphs,), -1, np.int32)
-    graph_rows[:len(kept)] = [row for row, _ in kept]
+    graph_rows[:len(rows)] = rows
+    used_nodes = int(np.sum(real.n_node))
     node_rows = np.full((budget.max_nodes,), -1, np.int32)
-    node_rows[:used_nodes] = np.repeat(graph_rows[:len(kept)], [g.num_nodes for _, g in kept])
-    return GraphBatch(graphs=padded, node_sample_index=node_rows, graph_sample_index=graph_rows), skipped
-
-
-def to_device(batch: GraphBatch) -> GraphBatch:
-    """The batch as jax arrays (no-op for arrays already on device)."""
-    return jax.tree.map(jnp.asarray, batch)
+    node_rows[:used_nodes] = np.repeat(graph_rows[:len(rows)], np.asarray(real.n_node, np.int64))
+    return GraphBatch(graphs=padded, node_sample_index=node_rows, graph_sample_index=graph_rows)

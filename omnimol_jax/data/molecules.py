@@ -26,8 +26,14 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional
 
-from omnimol_jax.data.featurize import (FeatureMode, FeaturizationError, MolGraph, merge_graphs,
-                                        selfies_to_smiles, smiles_to_graph)
+from omnimol_jax.data.featurize import (
+    FeatureMode,
+    FeaturizationError,
+    MolGraph,
+    merge_graphs,
+    selfies_to_smiles,
+    smiles_to_graph,
+)
 
 GRAPH_RULES: tuple[str, ...] = ("input", "first_component", "reactant_side", "product", "extracted", "none")
 

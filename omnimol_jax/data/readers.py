@@ -20,13 +20,20 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from omnimol_jax.data.tasks import OUTPUT_NUMBER, OUTPUT_SELFIES, TASK_KEYS, TaskSpec, get_task
+from omnimol_jax.constants import (  # noqa: F401
+    LAYOUT_MOL_INSTRUCTIONS,
+    LAYOUT_OMNIMOL,
+    LAYOUTS,
+    SPLITS,
+)
+from omnimol_jax.tasks import (
+    OUTPUT_NUMBER,
+    OUTPUT_SELFIES,
+    TASK_KEYS,
+    TaskSpec,
+    get_task,
+)
 
-LAYOUT_OMNIMOL = "omnimol"
-LAYOUT_MOL_INSTRUCTIONS = "mol_instructions"
-LAYOUTS = (LAYOUT_OMNIMOL, LAYOUT_MOL_INSTRUCTIONS)
-
-SPLITS = ("train", "test")
 REQUIRED_FIELDS = ("instruction", "input", "output")
 
 # Reasons a record is skipped (the pipeline counts them per task).

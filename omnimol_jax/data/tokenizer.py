@@ -27,7 +27,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
-from omnimol_jax.data.tasks import SYSTEM_PROMPT
+from omnimol_jax.tasks import SYSTEM_PROMPT
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -95,9 +95,7 @@ class ChatTokenizer:
                                          dtype=np.int32)
 
     # -- construction
-    @classmethod
-    def from_path(cls, path: str | os.PathLike, **kwargs) -> "ChatTokenizer":
-        return load_chat_tokenizer(path, **kwargs)
+
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -160,12 +158,6 @@ class ChatTokenizer:
         ids = np.concatenate([prompt, answer_ids])
         labels = np.concatenate([np.full(len(prompt), IGNORE_INDEX, dtype=np.int32), answer_ids])
         return EncodedChat(ids, labels, image_position)
-
-    def conversation_string(self, user_message: str, answer: Optional[str] = None) -> str:
-        """The text `encode_chat` encodes (with one written BOS, as the public template writes it)."""
-        text = (f"{BOS}{START_HEADER}system{END_HEADER}\n\n{self.system_prompt}{EOT}"
-                f"{START_HEADER}user{END_HEADER}\n\n{user_message}{EOT}{START_HEADER}assistant{END_HEADER}\n\n")
-        return text if answer is None else text + answer + EOT
 
 
 def load_chat_tokenizer(path: str | os.PathLike, *, double_bos: bool = True,

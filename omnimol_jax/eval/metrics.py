@@ -1,6 +1,6 @@
 """One entry point for every task's metrics: `compute_task_metrics(task, predictions, references, protocol)`.
 
-The task registry (`omnimol_jax.data.tasks`) names each task's metric set; this module dispatches on it:
+The task registry (`omnimol_jax.tasks`) names each task's metric set; this module dispatches on it:
 
     molecule      validity, exact_match, bleu, levenshtein, maccs_fts, rdk_fts, morgan_fts   (mol_metrics)
     homolumo_mae  mae_homo, mae_lumo, mae_gap, mae                                        (number_metrics)
@@ -27,19 +27,26 @@ every record 0 (a bug); we compute what the copied paragraph2actions function co
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from omnimol_jax.data.tasks import METRIC_SETS, get_task
 from omnimol_jax.eval.mol_metrics import PROTOCOL_REFERENCE, PROTOCOLS, check_protocol, molecule_metrics
-from omnimol_jax.eval.number_metrics import (homolumo_metrics, homolumo_property, number_in_text_metrics,
-                                             yield_metrics)
-from omnimol_jax.eval.text_metrics import (BLEU2_WEIGHTS, BLEU4_WEIGHTS, SynonymFn, corpus_bleu, meteor_score,
-                                           normalized_levenshtein_similarity, rouge_scores, whitespace_tokenize)
+from omnimol_jax.eval.number_metrics import homolumo_metrics, homolumo_property, number_in_text_metrics, yield_metrics
+from omnimol_jax.eval.text_metrics import (
+    BLEU2_WEIGHTS,
+    BLEU4_WEIGHTS,
+    SynonymFn,
+    corpus_bleu,
+    meteor_score,
+    normalized_levenshtein_similarity,
+    rouge_scores,
+    whitespace_tokenize,
+)
+from omnimol_jax.tasks import METRIC_SETS, get_task
 
 TokenizeFn = Callable[[str], Sequence[str]]
-Reference = Union[str, int, float]
+Reference = str | int | float
 
 REFERENCE_MAX_TOKENS = 512  # public: tokenizer.tokenize(text, truncation=True, max_length=512)
 LEVENSHTEIN_THRESHOLDS = (("lev_ge_1.0", 1.0), ("lev_ge_0.9", 0.9), ("lev_ge_0.75", 0.75), ("lev_ge_0.5", 0.5))

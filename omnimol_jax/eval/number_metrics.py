@@ -20,20 +20,20 @@ Output formats (from the public Omni-Mol data and code):
 Unparseable predictions: skipped in the reference protocol (valid-only denominators, as the public
 code does). In the strict protocol they stay in the denominator: the failed prediction is replaced by
 the mean of the OTHER references of its group (property / yield dataset; leave-one-out, so the answer
-itself never leaks in), i.e. it is scored as a no-information constant guess. A reference that does not parse is bad input: ValueError naming the
-record, in both protocols.
+itself never leaks in), i.e. it is scored as a no-information constant guess. A reference that does not parse
+is bad input: ValueError naming the record, in both protocols.
 """
 from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from omnimol_jax.eval.mol_metrics import PROTOCOL_REFERENCE, PROTOCOL_STRICT, check_protocol
 
-Number = Union[int, float]
+Number = int | float
 
 UNSIGNED_NUMBER = re.compile(r"\d+(?:\.\d+)?")  # public compute_extracted_mae: drops the sign
 SIGNED_NUMBER_SCF = re.compile(r"[+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")  # public compute_extracted_SCF_mae
@@ -45,7 +45,7 @@ _PROPERTY_ALIASES = {"homo": HOMO, "lumo": LUMO, "gap": GAP, "homo-lumo gap": GA
                      "homo-lumo-gap": GAP, "homolumo gap": GAP}
 
 
-def parse_bare_number(text: Union[str, Number]) -> Optional[float]:
+def parse_bare_number(text: str | Number) -> Optional[float]:
     """float(text) as the public code calls it, or None; non-finite values are unparseable."""
     if isinstance(text, bool):
         return None
@@ -56,7 +56,7 @@ def parse_bare_number(text: Union[str, Number]) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
-def first_number(text: Union[str, Number], pattern: re.Pattern) -> Optional[float]:
+def first_number(text: str | Number, pattern: re.Pattern) -> Optional[float]:
     """The first match of `pattern` in the text as a float, or None."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         text = str(text)
@@ -69,7 +69,7 @@ def first_number(text: Union[str, Number], pattern: re.Pattern) -> Optional[floa
     return value if math.isfinite(value) else None
 
 
-def number_in_text_parser(task: str, protocol: str) -> Callable[[Union[str, Number]], Optional[float]]:
+def number_in_text_parser(task: str, protocol: str) -> Callable[[str | Number], Optional[float]]:
     """The first-number parser a number-in-text task uses under a protocol."""
     check_protocol(protocol)
     if protocol == PROTOCOL_STRICT:

@@ -19,8 +19,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from omnimol_jax.data.tasks import METRIC_SETS, TASK_KEYS, get_task
 from omnimol_jax.eval.mol_metrics import PROTOCOLS
+from omnimol_jax.tasks import METRIC_SETS, TASK_KEYS, get_task
 
 Results = Mapping[str, Mapping[str, Mapping[str, float]]]
 

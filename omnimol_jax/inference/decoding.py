@@ -39,9 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnimol_jax.data.graphs import GraphBatch, GraphBudget, batch_graphs, next_power_of_two
+from omnimol_jax.data.graphs import batch_graphs, next_power_of_two, prompt_graph_budget
 from omnimol_jax.inference.selfies_constraint import START_STATE, ConstraintTables, SelfiesConstraint
-from omnimol_jax.model.llama import KVCache, init_kv_cache
+from omnimol_jax.model.graph_batch import GraphBatch
+from omnimol_jax.model.kv_cache import KVCache, gather_cache, init_kv_cache, tile_cache
+from omnimol_jax.model.llama import LlamaForCausalLM
+from omnimol_jax.model.omnimol import OmniMolModel
 from omnimol_jax.sharding import named_sharding, state_shardings, use_mesh
 
 NEG_INF = float("-inf")
@@ -123,14 +126,6 @@ def prompt_bucket(length: int, min_bucket: int = 32) -> int:
     return max(int(min_bucket), next_power_of_two(length))
 
 
-def prompt_graph_budget(graphs: Sequence[Any], rows: int) -> GraphBudget:
-    """Power-of-two node / edge budgets that hold every graph of the batch (few distinct shapes -> few compiles)."""
-    nodes = sum(g.num_nodes for g in graphs if g is not None)
-    edges = sum(g.num_edges for g in graphs if g is not None)
-    return GraphBudget(max_nodes=max(64, next_power_of_two(nodes + 1)), max_edges=max(128, next_power_of_two(edges)),
-                       max_graphs=rows + 1)
-
-
 def build_prompt_batch(prompts: Sequence[Sequence[int]], graphs: Optional[Sequence[Any]], *, pad_token_id: int,
                        rows: Optional[int] = None, bucket: Optional[int] = None, min_bucket: int = 32,
                        record_ids: Optional[Sequence[str]] = None) -> PromptBatch:
@@ -138,7 +133,7 @@ def build_prompt_batch(prompts: Sequence[Sequence[int]], graphs: Optional[Sequen
 
     Extra rows (up to `rows`) are dummies: one pad token, no graph. Graph slots must match the graph's atoms.
     """
-    from omnimol_jax.model.splice import GraphSlotError, check_graph_slots
+    from omnimol_jax.data.graph_slots import GraphSlotError, check_graph_slots
 
     count = len(prompts)
     rows = count if rows is None else rows
@@ -178,28 +173,30 @@ def build_prompt_batch(prompts: Sequence[Sequence[int]], graphs: Optional[Sequen
 # Device-side pieces
 
 
-def _forward(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache,
+def forward_last(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache,
              graphs: Optional[GraphBatch]):
     """Logits of the last position [B, V] (fp32) and the new cache; OmniMolModel or a bare LlamaForCausalLM.
 
     The output head is applied to the last position only (the model's full-sequence logits are unused, so XLA
     drops them): a prefill of B x P tokens never materialises B x P x vocab logits.
     """
-    if hasattr(model, "language_model"):
+    if isinstance(model, OmniMolModel):
         out = model(input_ids, graphs, attention_mask=attention_mask, cache=cache, return_hidden_states=True)
-        lm = model.language_model
     else:
         if graphs is not None:
             raise GenerationError("graphs given, but the model has no graph tower")
         out = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden_states=True)
-        lm = model
-    last = out.hidden_states[:, -1:]
-    logits = lm.embed_tokens.attend(last) if lm.config.tie_word_embeddings else lm.lm_head(last)
+    logits = language_model(model).lm_logits(out.hidden_states[:, -1:])
     return logits[:, 0].astype(jnp.float32), out.cache
 
 
-def _language_config(model: nnx.Module):
-    return model.language_model.config if hasattr(model, "language_model") else model.config
+def language_model(model: nnx.Module) -> LlamaForCausalLM:
+    """The Llama inside an OmniMolModel, or the model itself."""
+    return model.language_model if isinstance(model, OmniMolModel) else model
+
+
+def language_config(model: nnx.Module):
+    return language_model(model).config
 
 
 def _allowed_mask(tables: ConstraintTables, states: jax.Array, vocab_size: int, stop_ids: jax.Array) -> jax.Array:
@@ -236,18 +233,6 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
 
-def _tile_cache(cache: KVCache, times: int) -> KVCache:
-    rep = functools.partial(jnp.repeat, repeats=times, axis=0)
-    return KVCache(keys=tuple(map(rep, cache.keys)), values=tuple(map(rep, cache.values)), valid=rep(cache.valid),
-                   index=cache.index, num_valid=rep(cache.num_valid))
-
-
-def _gather_cache(cache: KVCache, rows: jax.Array) -> KVCache:
-    take = functools.partial(jnp.take, indices=rows, axis=0)
-    return KVCache(keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)), valid=take(cache.valid),
-                   index=cache.index, num_valid=take(cache.num_valid))
-
-
 @dataclasses.dataclass(frozen=True)
 class _Static:
     """Everything that shapes the compiled program (hashable, a static jit argument)."""
@@ -264,11 +249,11 @@ class _Static:
 def _generate_impl(graphdef, static: _Static, state, input_ids, attention_mask, graphs, row_seeds, seed,
                    temperature, top_p, stop_ids, tables: Optional[ConstraintTables]):
     model = nnx.merge(graphdef, state)
-    config = _language_config(model)
+    config = language_config(model)
     rows, prompt_len = input_ids.shape
     steps = static.max_new_tokens
     cache = init_kv_cache(config, rows, prompt_len + steps)
-    logits, cache = _forward(model, input_ids, attention_mask, cache, graphs)
+    logits, cache = forward_last(model, input_ids, attention_mask, cache, graphs)
     if static.mode == "beam":
         return _beam_search(model, static, logits, cache, stop_ids, tables)
     return _sample_loop(model, static, logits, cache, row_seeds, seed, temperature, top_p, stop_ids, tables)
@@ -319,7 +304,7 @@ def _sample_loop(model, static: _Static, logits, cache, row_seeds, seed, tempera
 
     def body(loop):
         step, last, cache, carry = loop
-        logits, cache = _forward(model, last[:, None], jnp.ones((rows, 1), jnp.int32), cache, None)
+        logits, cache = forward_last(model, last[:, None], jnp.ones((rows, 1), jnp.int32), cache, None)
         token, logprob = select(step, logits, carry[1], carry[5])
         return step + 1, token, cache, record(carry, step, token, logprob)
 
@@ -335,7 +320,7 @@ def _beam_search(model, static: _Static, logits, cache, stop_ids, tables):
     flat = rows * beams
     if 2 * beams > vocab:
         raise GenerationError(f"num_beams {beams} needs a vocabulary of at least {2 * beams} tokens")
-    cache = _tile_cache(cache, beams)
+    cache = tile_cache(cache, beams)
     logits = jnp.repeat(logits, beams, axis=0)
 
     def norm(score, length):
@@ -407,8 +392,8 @@ def _beam_search(model, static: _Static, logits, cache, stop_ids, tables):
 
     def body(loop):
         step, token, flat_parent, cache, carry = loop
-        cache = _gather_cache(cache, flat_parent)
-        logits, cache = _forward(model, token[:, None], jnp.ones((flat, 1), jnp.int32), cache, None)
+        cache = gather_cache(cache, flat_parent)
+        logits, cache = forward_last(model, token[:, None], jnp.ones((flat, 1), jnp.int32), cache, None)
         carry, token, flat_parent = step_fn(step, logits, carry)
         return step + 1, token, flat_parent, cache, carry
 
@@ -455,7 +440,7 @@ class Generator:
         if not stop_token_ids:
             raise ValueError("at least one stop token id is needed")
         self.graphdef, self.state = nnx.split(model)
-        self.config = _language_config(model)
+        self.config = language_config(model)
         self.pad_token_id = int(pad_token_id)
         self.stop_token_ids = tuple(int(i) for i in stop_token_ids)
         bad = [i for i in self.stop_token_ids + (self.pad_token_id,) if not 0 <= i < self.config.vocab_size]
@@ -499,9 +484,9 @@ class Generator:
             raise ValueError("constrained decoding needs a Generator built with a SelfiesConstraint")
         count = len(prompts)
         longest = max((len(p) for p in prompts), default=0)
-        if longest + config.max_new_tokens > self.config.max_position_embeddings:
-            raise GenerationError(f"prompt of {longest} tokens + {config.max_new_tokens} new tokens exceeds the "
-                                  f"model's {self.config.max_position_embeddings} positions")
+        overflow = self.config.position_overflow(longest, config.max_new_tokens)
+        if overflow:
+            raise GenerationError(overflow)
         batch = build_prompt_batch(prompts, graphs, pad_token_id=self.pad_token_id, rows=rows,
                                    min_bucket=self.min_prompt_bucket, record_ids=record_ids)
         total_rows = batch.input_ids.shape[0]

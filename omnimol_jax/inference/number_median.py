@@ -38,9 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnimol_jax.inference.decoding import (GenerationError, Generator, _forward, _gather_cache, _language_config,
-                                            _tile_cache, build_prompt_batch)
-from omnimol_jax.model.llama import init_kv_cache
+from omnimol_jax.inference.decoding import (
+    GenerationError,
+    Generator,
+    build_prompt_batch,
+    forward_last,
+    language_config,
+)
+from omnimol_jax.model.kv_cache import gather_cache, init_kv_cache, tile_cache
 from omnimol_jax.sharding import use_mesh
 
 _DIGITS = re.compile(r"\d+")
@@ -189,9 +194,9 @@ def _summarise(logits: jax.Array, table_ids: jax.Array, digit_mask: jax.Array):
 def _prefill(graphdef, slots: int, cache_length: int, state, input_ids, attention_mask, graphs, table_ids,
              digit_mask):
     model = nnx.merge(graphdef, state)
-    cache = init_kv_cache(_language_config(model), input_ids.shape[0], cache_length)
-    logits, cache = _forward(model, input_ids, attention_mask, cache, graphs)
-    return _summarise(logits, table_ids, digit_mask), _tile_cache(cache, slots)
+    cache = init_kv_cache(language_config(model), input_ids.shape[0], cache_length)
+    logits, cache = forward_last(model, input_ids, attention_mask, cache, graphs)
+    return _summarise(logits, table_ids, digit_mask), tile_cache(cache, slots)
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(2,))
@@ -202,10 +207,10 @@ def _step(graphdef, state, cache, parents, tokens, feed, keep_before, table_ids,
     # Only enumeration steps move rows; the others skip the gather (a full copy of the cache per step was
     # most of the decoding time).
     identity = jnp.arange(parents.shape[0], dtype=parents.dtype)
-    cache = jax.lax.cond(jnp.any(parents != identity), lambda c: _gather_cache(c, parents), lambda c: c, cache)
+    cache = jax.lax.cond(jnp.any(parents != identity), lambda c: gather_cache(c, parents), lambda c: c, cache)
     valid = cache.valid & (jnp.arange(cache.valid.shape[1])[None, :] < keep_before[:, None])
     cache = cache._replace(valid=valid, num_valid=valid.sum(axis=1, dtype=jnp.int32))
-    logits, cache = _forward(model, tokens[:, None], feed[:, None], cache, None)
+    logits, cache = forward_last(model, tokens[:, None], feed[:, None], cache, None)
     return _summarise(logits, table_ids, digit_mask), cache
 
 
@@ -254,9 +259,9 @@ class NumberMedianDecoder:
         gen = self.generator
         count = len(prompts)
         longest = max((len(p) for p in prompts), default=0)
-        if longest + max_new_tokens > gen.config.max_position_embeddings:
-            raise GenerationError(f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's "
-                                  f"{gen.config.max_position_embeddings} positions")
+        overflow = gen.config.position_overflow(longest, max_new_tokens)
+        if overflow:
+            raise GenerationError(overflow)
         batch = build_prompt_batch(prompts, graphs, pad_token_id=gen.pad_token_id, rows=rows,
                                    min_bucket=gen.min_prompt_bucket, record_ids=record_ids)
         prompt_rows, bucket = batch.input_ids.shape

@@ -28,7 +28,6 @@ mlp_norm (mlp.1) / mlp_out (mlp.3) / eps`, `batch_norms[l]`), which keeps `conve
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Optional, Sequence
 
@@ -36,24 +35,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnimol_jax.data.graphs import GraphsTuple
-
-# OGB table sizes (ogb 1.2 feature lists); must equal omnimol_jax.data.featurize.OGB_*_FEATURE_DIMS.
-ATOM_FEATURE_DIMS: tuple[int, ...] = (119, 4, 12, 12, 10, 6, 6, 2, 2)
-BOND_FEATURE_DIMS: tuple[int, ...] = (5, 6, 2)
-
-
-@dataclasses.dataclass(frozen=True)
-class GINConfig:
-    num_layers: int = 5
-    hidden_size: int = 300
-    atom_feature_dims: tuple[int, ...] = ATOM_FEATURE_DIMS
-    bond_feature_dims: tuple[int, ...] = BOND_FEATURE_DIMS
-    batch_norm_eps: float = 1e-5  # torch BatchNorm1d default
-
-    def __post_init__(self):
-        if self.num_layers < 1 or self.hidden_size < 1:
-            raise ValueError(f"GINConfig needs num_layers >= 1 and hidden_size >= 1, got {self}")
+from omnimol_jax.config import GraphConfig
+from omnimol_jax.model.graph_batch import GraphsTuple
 
 
 class Dense(nnx.Module):
@@ -113,7 +96,7 @@ class BatchNormInference(nnx.Module):
 
 
 class GINConv(nnx.Module):
-    def __init__(self, config: GINConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: GraphConfig, *, rngs: nnx.Rngs):
         d = config.hidden_size
         hp = jax.lax.Precision.HIGHEST
         self.bond_encoder = FeatureEmbedding(config.bond_feature_dims, d, rngs=rngs)
@@ -134,7 +117,7 @@ class GINConv(nnx.Module):
 class GIN(nnx.Module):
     """Per-node embeddings [N_pad, hidden] of a padded GraphsTuple (nodes/edges: int feature columns)."""
 
-    def __init__(self, config: GINConfig = GINConfig(), *, rngs: nnx.Rngs):
+    def __init__(self, config: GraphConfig = GraphConfig(), *, rngs: nnx.Rngs):
         self.config = config
         d = config.hidden_size
         self.atom_encoder = FeatureEmbedding(config.atom_feature_dims, d, rngs=rngs)

@@ -11,20 +11,20 @@ mapping to mesh axes lives only in `omnimol_jax.sharding`.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from omnimol_jax.config import ModelConfig
+from omnimol_jax.model.dtypes import dtype_of
+from omnimol_jax.model.kv_cache import CACHE_AXES, KVCache
 from omnimol_jax.model.lora import LoRA, fold_rng
 from omnimol_jax.model.moge import MoGEFeedForward
 from omnimol_jax.sharding import constrain
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "full": None,  # save nothing but the layer inputs
@@ -34,10 +34,6 @@ REMAT_POLICIES: dict[str, Optional[Callable]] = {
 }
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
-
-
-def dtype_of(name: str) -> jnp.dtype:
-    return DTYPES[name]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -130,51 +126,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
-
-
-# --------------------------------------------------------------------------------------------------
-# KV cache
-
-
-class KVCache(NamedTuple):
-    """Decoding state. keys/values: one [B, max_len, kv_heads, head_dim] array per layer.
-
-    `valid[b, t]` says slot t of row b holds a real token; `index` is the next slot to write (shared by all
-    rows, so left-padded prompts and per-row positions work). `num_valid[b]` counts real tokens of row b,
-    i.e. the position of its next token.
-    """
-
-    keys: tuple[jax.Array, ...]
-    values: tuple[jax.Array, ...]
-    valid: jax.Array
-    index: jax.Array
-    num_valid: jax.Array
-
-    @property
-    def max_length(self) -> int:
-        return self.valid.shape[1]
-
-
-CACHE_AXES = ("cache_batch", "cache_length", "cache_kv_heads", "cache_head_dim")
-
-
-def init_kv_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> KVCache:
-    dtype = dtype or dtype_of(config.dtype)
-    shape = (batch_size, max_length, config.num_kv_heads, config.head_dim)
-    return KVCache(
-        keys=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        values=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
-        valid=jnp.zeros((batch_size, max_length), jnp.bool_),
-        index=jnp.zeros((), jnp.int32),
-        num_valid=jnp.zeros((batch_size,), jnp.int32),
-    )
-
-
-def kv_cache_logical_axes(config: ModelConfig) -> KVCache:
-    """The cache's logical axes, mirroring its structure (for shardings of decode functions)."""
-    layer = tuple(CACHE_AXES for _ in range(config.num_layers))
-    return KVCache(keys=layer, values=layer, valid=("cache_batch", "cache_length"), index=(),
-                   num_valid=("cache_batch",))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -298,14 +249,14 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index, rng=None,
-                 token_mask=None, token_task_ids=None, num_tasks=0):
-        attn_out, new_cache = self.self_attn(self.input_layernorm(x), positions, inv_freq, key_valid, segment_ids,
-                                             layer_cache, cache_index, fold_rng(rng, 0))
+    def __call__(self, x, inputs: "LayerInputs", layer_cache, rng=None):
+        attn_out, new_cache = self.self_attn(self.input_layernorm(x), inputs.positions, inputs.inv_freq,
+                                             inputs.key_valid, inputs.segment_ids, layer_cache, inputs.cache_index,
+                                             fold_rng(rng, 0))
         x = constrain(x + attn_out, BATCH_LENGTH_EMBED)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
-            mlp_out, aux = self.mlp(h, token_mask, fold_rng(rng, 1), token_task_ids, num_tasks)
+            mlp_out, aux = self.mlp(h, inputs.token_mask, fold_rng(rng, 1))
         else:
             mlp_out, aux = self.mlp(h, fold_rng(rng, 1)), None
         x = constrain(x + mlp_out, BATCH_LENGTH_EMBED)
@@ -316,12 +267,23 @@ class DecoderLayer(nnx.Module):
 # The model
 
 
+class LayerInputs(NamedTuple):
+    """What every decoder layer of one forward pass reads besides its activations and its cache slot."""
+
+    positions: jax.Array             # [B, S] rotary positions
+    inv_freq: jax.Array              # [head_dim / 2] rotary frequencies
+    key_valid: jax.Array             # [B, K] which keys (cache slots or tokens) may be attended to
+    segment_ids: Optional[jax.Array]  # [B, S] packed samples, or None
+    cache_index: Optional[jax.Array]  # where this step's keys go in the cache, or None
+    token_mask: jax.Array            # [B, S] real tokens (MoGE statistics and aux loss)
+
+
 class CausalLMOutput(NamedTuple):
     logits: jax.Array
     cache: Optional[KVCache]
     hidden_states: Optional[jax.Array]
-    # MoGE layers' outputs stacked over those layers: aux_loss [L], router_load [L, E],
-    # router_topk_weight [L], and with task ids router_task_load [L, T, E], router_task_tokens [L, T].
+    # MoGE layers' outputs stacked over those layers: aux_loss [L], router_load [L, E], router_topk_weight [L],
+    # router_assignments [L, B * S, E] (each real token's expert assignments, for per-task statistics).
     aux: dict
 
 
@@ -346,19 +308,21 @@ class LlamaForCausalLM(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         return self.embed_tokens(input_ids)
 
+    def lm_logits(self, hidden: jax.Array) -> jax.Array:
+        """The output head on final hidden states [..., d] -> [..., vocab] (tied to the embedding or not)."""
+        return self.embed_tokens.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+
     def __call__(self, input_ids: Optional[jax.Array] = None, *, inputs_embeds: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 return_hidden_states: bool = False, dropout_rng: Optional[jax.Array] = None,
-                 task_ids: Optional[jax.Array] = None, num_tasks: int = 0) -> CausalLMOutput:
+                 return_hidden_states: bool = False, dropout_rng: Optional[jax.Array] = None) -> CausalLMOutput:
         """Logits [B, S, vocab] for tokens (or precomputed embeddings, e.g. with spliced graph tokens).
 
         attention_mask [B, S]: 1 for real tokens (default all ones). positions [B, S]: default is the count
         of real tokens before each one, which is right for left or right padding and continues from the
         cache. segment_ids [B, S] (packed sequences; not with a cache): tokens attend only within their
         segment; pass positions too, restarting at 0 per segment.
-        dropout_rng: enables LoRA dropout (training); None is deterministic. task_ids ([B], or [B, S] for
-        packed rows) with a static num_tasks add per-task router statistics to `aux`.
+        dropout_rng: enables LoRA dropout (training); None is deterministic.
         """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -384,14 +348,11 @@ class LlamaForCausalLM(nnx.Module):
         layer_fn = _decoder_layer_call
         if cfg.remat_policy != "none":
             layer_fn = nnx.remat(_decoder_layer_call, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
-        token_task_ids = None
-        if task_ids is not None:
-            token_task_ids = task_ids if task_ids.ndim == 2 else jnp.broadcast_to(task_ids[:, None], (batch, seq_len))
+        inputs = LayerInputs(positions, inv_freq, key_valid, segment_ids, cache_index, mask)
         new_keys, new_values, moe_aux = [], [], []
         for i, layer in enumerate(self.layers):
             layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, updated, aux = layer_fn(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache,
-                                       cache_index, fold_rng(dropout_rng, i), mask, token_task_ids, num_tasks)
+            x, updated, aux = layer_fn(layer, x, inputs, layer_cache, fold_rng(dropout_rng, i))
             if updated is not None:
                 new_keys.append(updated[0])
                 new_values.append(updated[1])
@@ -399,8 +360,7 @@ class LlamaForCausalLM(nnx.Module):
                 moe_aux.append(aux)
 
         hidden = self.norm(x)
-        logits = self.lm_head(hidden) if not cfg.tie_word_embeddings else self.embed_tokens.attend(hidden)
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        logits = constrain(self.lm_logits(hidden), ("activation_batch", "activation_length", "activation_vocab"))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
@@ -411,10 +371,9 @@ class LlamaForCausalLM(nnx.Module):
                               aux=stacked_aux)
 
 
-def _decoder_layer_call(layer, x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index, rng,
-                        token_mask, token_task_ids, num_tasks):
-    return layer(x, positions, inv_freq, key_valid, segment_ids, layer_cache, cache_index, rng, token_mask,
-                 token_task_ids, num_tasks)
+def _decoder_layer_call(layer, x, inputs: LayerInputs, layer_cache, rng):
+    """A plain function of the layer, so nnx.remat can wrap it."""
+    return layer(x, inputs, layer_cache, rng)
 
 
 def count_parameters(config: ModelConfig) -> int:

@@ -10,12 +10,11 @@ own A, B, a, b, p, and optionally its own rank (per-expert ranks are stored padd
 only an expert's own columns are used, so the padding never contributes and receives zero gradient).
 
 Adapter variables have their own types (`LoRAWeight`, `LoRAScale`), so that trainable and frozen parameters
-split by type: see `trainable_filter`.
+split by type: see `omnimol_jax.train.recipes`.
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Optional, Sequence
 
 import jax
@@ -24,8 +23,7 @@ import numpy as np
 from flax import nnx
 
 from omnimol_jax.config import LoRAConfig
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from omnimol_jax.model.dtypes import dtype_of
 
 
 class LoRAWeight(nnx.Param):
@@ -75,7 +73,7 @@ class LoRA(nnx.Module):
         self.merged = False  # True while s*B*A is folded into the frozen kernel (see merge_lora)
         rank = max(self.ranks) if self.ranks else config.rank
         lead, lead_axes = ((num_experts,), ("expert",)) if num_experts else ((), ())
-        param_dtype = DTYPES[config.param_dtype]
+        param_dtype = dtype_of(config.param_dtype)
         bound = 1.0 / math.sqrt(math.prod(self.in_shape))
         a = jax.random.uniform(rngs.params(), lead + self.in_shape + (rank,), jnp.float32, -bound, bound)
         self.a = LoRAWeight(a.astype(param_dtype), logical_axes=lead_axes + tuple(in_axes) + ("lora_rank",))
@@ -154,34 +152,6 @@ class LoRA(nnx.Module):
         flat = x.reshape(x.shape[0], -1)
         out = (flat @ a_e) @ b_e * self.scale()[expert].astype(self.compute_dtype)
         return out.reshape((x.shape[0],) + self.out_shape)
-
-
-def trainable_filter(stage: int = 2, unfreeze: Sequence[str] = ()):
-    """Which parameters train: stage 1 = the projector only; stage 2 = LoRA factors, GAL scalars, routers and
-    the projector. Everything else (backbone, embeddings, norms, graph tower) is frozen, except parameters
-    whose '/'-joined path matches one of the `unfreeze` regular expressions (e.g. `language_model` to train a
-    randomly initialised backbone as well, as the from-scratch demo does)."""
-    projector = nnx.PathContains("projector")
-    if stage == 1:
-        base = nnx.All(nnx.Param, projector)
-    elif stage == 2:
-        base = nnx.Any(LoRAWeight, LoRAScale, RouterWeight, nnx.All(nnx.Param, projector))
-    else:
-        raise ValueError(f"stage must be 1 or 2, got {stage}")
-    if not unfreeze:
-        return base
-    patterns = [re.compile(p) for p in unfreeze]
-
-    def unfrozen(path, value) -> bool:
-        joined = "/".join(map(str, path))
-        return any(p.search(joined) for p in patterns)
-
-    return nnx.Any(base, nnx.All(nnx.Param, unfrozen))
-
-
-def split_trainable(module: nnx.Module, stage: int = 2, unfreeze: Sequence[str] = ()):
-    """(graphdef, trainable params, frozen params, other state) for a functional train step."""
-    return nnx.split(module, trainable_filter(stage, unfreeze), nnx.Param, ...)
 
 
 def _plain_adapters(module: nnx.Module):

@@ -70,14 +70,15 @@ class MoGEFeedForward(nnx.Module):
         """alpha * sum_i f_i P_i, f_i = E/(N k) * #assignments to i, P_i = mean_n p_{n,i} (1.0 if balanced)."""
         moge = self.config.moge
         num_tokens = jnp.maximum(token_weight.sum(), 1.0)
-        counts = (jax.nn.one_hot(experts, moge.num_experts, dtype=jnp.float32) * token_weight[:, None, None]).sum((0, 1))
+        one_hot = jax.nn.one_hot(experts, moge.num_experts, dtype=jnp.float32)
+        counts = (one_hot * token_weight[:, None, None]).sum((0, 1))
         load = moge.num_experts / (num_tokens * moge.top_k) * counts
         mean_prob = (probs * token_weight[:, None]).sum(0) / num_tokens
         loss = moge.aux_loss_alpha * jnp.sum(load * mean_prob)
         return jax.lax.stop_gradient(loss) if moge.aux_loss_stop_gradient else loss
 
-    def __call__(self, h: jax.Array, token_mask: jax.Array, rng: Optional[jax.Array] = None,
-                 token_task_ids: Optional[jax.Array] = None, num_tasks: int = 0) -> tuple[jax.Array, dict]:
+    def __call__(self, h: jax.Array, token_mask: jax.Array, rng: Optional[jax.Array] = None
+                 ) -> tuple[jax.Array, dict]:
         moge = self.config.moge
         batch_shape = h.shape[:-1]
         x = constrain(h.reshape(-1, h.shape[-1]), TOKENS_EMBED)
@@ -92,7 +93,7 @@ class MoGEFeedForward(nnx.Module):
 
         aux_weight = real if moge.aux_loss_ignore_padding else jnp.ones_like(real)
         aux = {"aux_loss": self.aux_loss(probs, experts, aux_weight)}
-        aux.update(self._router_stats(weights, selection, real, token_task_ids, num_tasks))
+        aux.update(self._router_stats(weights, selection, real))
         return y.reshape(batch_shape + (y.shape[-1],)), aux
 
     # ------------------------------------------------------------------------------------------------
@@ -165,16 +166,13 @@ class MoGEFeedForward(nnx.Module):
             y = y + self.down_proj(z) + self.shared_down_lora(z, rng_down)
         return y
 
-    def _router_stats(self, weights, selection, real, token_task_ids, num_tasks) -> dict:
-        """Expert load (share of real-token assignments) and mean top-k weight; per task when ids are given."""
+    def _router_stats(self, weights, selection, real) -> dict:
+        """Router telemetry (no gradient): expert load (share of real-token assignments), mean top-k weight, and
+        each token's assignments [N, E] (what per-task statistics are made of, outside the model)."""
         moge = self.config.moge
         per_token = jax.lax.stop_gradient(selection.sum(1) * real[:, None])  # [N, E] assignments
         total = jnp.maximum(per_token.sum(), 1.0)
-        stats = {"router_load": per_token.sum(0) / total,
-                 "router_topk_weight": jax.lax.stop_gradient((weights * real[:, None]).sum()
-                                                             / jnp.maximum(real.sum() * moge.top_k, 1.0))}
-        if token_task_ids is not None and num_tasks:
-            by_task = jax.ops.segment_sum(per_token, token_task_ids.reshape(-1), num_segments=num_tasks)
-            stats["router_task_load"] = by_task / jnp.maximum(by_task.sum(-1, keepdims=True), 1.0)
-            stats["router_task_tokens"] = by_task.sum(-1) / moge.top_k
-        return stats
+        return {"router_load": per_token.sum(0) / total,
+                "router_topk_weight": jax.lax.stop_gradient((weights * real[:, None]).sum()
+                                                            / jnp.maximum(real.sum() * moge.top_k, 1.0)),
+                "router_assignments": per_token}

@@ -4,7 +4,7 @@ forward(input_ids, graphs):
     token embeddings of input_ids (graph-slot sentinels clipped to id 0 for the lookup; they are
     overwritten) -> GIN over the padded graph batch -> projector
     -> splice into the slots -> Llama on `inputs_embeds`.
-The tower is frozen by the trainer's parameter filter (model/lora.py `trainable_filter`), not here: a run
+The tower is frozen by the trainer's parameter filter (`omnimol_jax.train.recipes.trainable_filter`), not here: a run
 that lists it in `train.unfreeze` trains it, and a frozen tower costs no backward pass because jax only
 differentiates the trainable parameters.
 Positions count slots like ordinary tokens (the Llama's default cumulative count), which is what the
@@ -19,20 +19,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from omnimol_jax.config import ModelConfig
+from omnimol_jax.config import GraphConfig, ModelConfig
 from omnimol_jax.constants import IMAGE_TOKEN_ID
-from omnimol_jax.data.graphs import GraphBatch, node_mask
-from omnimol_jax.model.gin import GIN, GINConfig
-from omnimol_jax.model.llama import CausalLMOutput, KVCache, LlamaForCausalLM
-from omnimol_jax.model.projector import Projector, ProjectorType
+from omnimol_jax.model.gin import GIN
+from omnimol_jax.model.graph_batch import GraphBatch, node_mask
+from omnimol_jax.model.kv_cache import KVCache
+from omnimol_jax.model.llama import CausalLMOutput, LlamaForCausalLM
+from omnimol_jax.model.projector import Projector
 from omnimol_jax.model.splice import splice_graph_embeddings
 
 
 class OmniMolModel(nnx.Module):
-    def __init__(self, config: ModelConfig, *, gin_config: GINConfig = GINConfig(),
-                 projector_type: ProjectorType = "linear", rngs: nnx.Rngs):
-        self.graph_tower = GIN(gin_config, rngs=rngs)
-        self.projector = Projector(gin_config.hidden_size, config.hidden_size, projector_type, rngs=rngs)
+    def __init__(self, config: ModelConfig, graph_config: GraphConfig = GraphConfig(), *, rngs: nnx.Rngs):
+        self.graph_tower = GIN(graph_config, rngs=rngs)
+        self.projector = Projector(graph_config.hidden_size, config.hidden_size, graph_config.projector_type,
+                                   rngs=rngs)
         self.language_model = LlamaForCausalLM(config, rngs=rngs)
 
     def encode_graphs(self, graphs: GraphBatch) -> jax.Array:
@@ -53,10 +54,9 @@ class OmniMolModel(nnx.Module):
                  positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
                  return_hidden_states: bool = False, validate_graph_slots: bool = False,
-                 dropout_rng: Optional[jax.Array] = None, task_ids: Optional[jax.Array] = None,
-                 num_tasks: int = 0) -> CausalLMOutput:
+                 dropout_rng: Optional[jax.Array] = None) -> CausalLMOutput:
         """See LlamaForCausalLM.__call__; `graphs` fills the graph-token slots of `input_ids`."""
         inputs_embeds = self.embed_inputs(input_ids, graphs, validate_graph_slots=validate_graph_slots)
         return self.language_model(inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
                                    segment_ids=segment_ids, cache=cache, return_hidden_states=return_hidden_states,
-                                   dropout_rng=dropout_rng, task_ids=task_ids, num_tasks=num_tasks)
+                                   dropout_rng=dropout_rng)

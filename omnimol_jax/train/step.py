@@ -21,7 +21,6 @@ from omnimol_jax.constants import IGNORE_INDEX
 Flat = dict[str, jax.Array]
 # optax.tree.norm replaces the deprecated optax.global_norm (older optax has only the latter)
 _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
-BATCH_ARRAY_KEYS = ("input_ids", "labels", "positions", "segment_ids", "attention_mask", "token_task_ids")
 
 
 def flatten_state(state: nnx.State) -> Flat:
@@ -56,18 +55,10 @@ class TrainState(NamedTuple):
     skipped_total: jax.Array        # int32
 
 
-def model_batch(batch: dict) -> dict:
-    """The arrays (and graphs) a step consumes; host-only entries like rejections are dropped."""
-    out = {k: batch[k] for k in BATCH_ARRAY_KEYS}
-    out["graphs"] = batch["graphs"]
-    return out
-
-
-def token_losses(model: nnx.Module, batch: dict, dropout_rng, num_tasks: int):
+def token_losses(model: nnx.Module, batch: dict, dropout_rng):
     """Per-token CE on next-token targets, its mask and task ids, and the model's aux outputs."""
     out = model(batch["input_ids"], batch["graphs"], positions=batch["positions"],
-                attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"], dropout_rng=dropout_rng,
-                task_ids=jnp.maximum(batch["token_task_ids"], 0), num_tasks=num_tasks)
+                attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"], dropout_rng=dropout_rng)
     logits = out.logits[:, :-1].astype(jnp.float32)
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
@@ -83,6 +74,13 @@ def per_task_sums(ce, mask, tasks, num_tasks: int):
     sums = jax.ops.segment_sum(ce.reshape(-1), ids, num_segments=num_tasks + 1)[:num_tasks]
     counts = jax.ops.segment_sum(mask.reshape(-1).astype(jnp.float32), ids, num_segments=num_tasks + 1)[:num_tasks]
     return sums, counts
+
+
+def router_assignments_by_task(assignments: jax.Array, token_task_ids: jax.Array, num_tasks: int) -> jax.Array:
+    """[L, T, E]: expert assignments of each task's tokens per MoE layer, from the model's per-token telemetry
+    (`router_assignments` [L, B * S, E]; padding tokens carry none)."""
+    ids = jnp.maximum(token_task_ids, 0).reshape(-1)
+    return jax.vmap(lambda a: jax.ops.segment_sum(a, ids, num_segments=num_tasks))(assignments)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +102,7 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
         def micro_loss(trainable, batch, micro_rng):
-            ce, mask, tasks, aux = token_losses(merge(trainable, frozen), batch, micro_rng, num_tasks)
+            ce, mask, tasks, aux = token_losses(merge(trainable, frozen), batch, micro_rng)
             task_sums, task_counts = per_task_sums(ce, mask, tasks, num_tasks)
             if task_balanced:
                 present = task_counts > 0
@@ -118,7 +116,8 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
             stats = {"ce_sum": ce.sum(), "aux_loss": aux_loss, "task_sums": task_sums, "task_counts": task_counts}
             if "router_load" in aux:
                 stats["router_load"] = aux["router_load"]
-                stats["router_task_load"] = aux["router_task_load"] * aux["router_task_tokens"][..., None]
+                stats["router_task_assignments"] = router_assignments_by_task(
+                    aux["router_assignments"], batch["token_task_ids"], num_tasks)
             return objective, stats
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -154,11 +153,11 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
         }
         if "router_load" in stats:
             metrics["router_load"] = stats["router_load"].mean(0)
-            metrics["router_task_assignments"] = stats["router_task_load"].sum(0)
+            metrics["router_task_assignments"] = stats["router_task_assignments"].sum(0)
         return new_state, metrics
 
     def eval_step(trainable: Flat, frozen, batch: dict):
-        ce, mask, tasks, _ = token_losses(merge(trainable, frozen), batch, None, num_tasks)
+        ce, mask, tasks, _ = token_losses(merge(trainable, frozen), batch, None)
         task_sums, task_counts = per_task_sums(ce, mask, tasks, num_tasks)
         return {"ce_sum": ce.sum(), "tokens": mask.sum(), "task_ce_sum": task_sums, "task_tokens": task_counts}
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -24,21 +22,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from omnimol_jax import checkpoint as model_ckpt
 from omnimol_jax.config import Config, save_config
-from omnimol_jax.data.graphs import batch_graphs, node_mask
-from omnimol_jax.data.pipeline import Pipeline, place_batch
+from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
+from omnimol_jax.data.loader import model_batch, place_batch, place_micro_batches
+from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.model.gin import mean_pairwise_cosine
-from omnimol_jax.model.lora import trainable_filter
+from omnimol_jax.model.graph_batch import node_mask
 from omnimol_jax.sharding import batch_sharding, build_mesh, create_sharded_model, use_mesh
-from omnimol_jax.train.batches import place_micro_batches
 from omnimol_jax.train.checkpoints import RunCheckpoints, abstract_like
-from omnimol_jax.train.flops import compiled_flops, device_peak_flops
+from omnimol_jax.train.hooks import (
+    CheckpointHook,
+    CompileHook,
+    EvalHook,
+    ExportHook,
+    Hook,
+    MetricsHook,
+    NonFiniteStopHook,
+    ProfileHook,
+    RunState,
+    SignalHook,
+    UntilStepHook,
+)
 from omnimol_jax.train.metrics_log import MetricLogger, per_task_scalars, plot_run
-from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions, \
-    model_batch
+from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +77,8 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.mesh = build_mesh(config.mesh, devices)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
-        self._stop_signal: Optional[str] = None
 
-        self.pipeline = Pipeline(config.data)
+        self.pipeline = Pipeline(config.data, feature_mode=config.graph.feature_mode)
         self.task_names = list(self.pipeline.task_keys)
         self.num_tasks = len(self.task_names)
         if self.pipeline.tokenizer.vocab_size > config.model.vocab_size:
@@ -138,8 +146,6 @@ class Trainer:
 
     def _calibrate_graph_tower(self, model) -> None:
         """Batch-norm statistics of a random graph tower from training graphs (see GIN.calibrate_batch_norms)."""
-        from omnimol_jax.inference.decoding import prompt_graph_budget
-
         graphs = self.pipeline.calibration_graphs(self.config.graph.calibration_graphs)
         if not graphs:
             return  # text-only tasks: the tower never runs
@@ -200,10 +206,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ run
 
-    def _request_stop(self, signum, frame) -> None:
-        self._stop_signal = signal.Signals(signum).name
-        self.say(f"received {self._stop_signal}: saving a checkpoint after this step")
-
     def run(self, until_step: Optional[int] = None) -> RunResult:
         """Trains to train.max_steps, or stops after `until_step` with a checkpoint (stopped_by "until_step")."""
         cfg = self.config
@@ -212,7 +214,6 @@ class Trainer:
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
         data = self.pipeline.iterator()
-
         restored = self.checkpoints.restore_latest(abstract_like(state), data, warn=self.say)
         if restored is not None:
             start_step, state = restored
@@ -221,100 +222,64 @@ class Trainer:
         else:
             start_step = 0
             self._save_frozen_once()
-
         train_step = jax.jit(self._train_step_fn, in_shardings=(state_shardings, frozen_shardings, None),
                              out_shardings=(state_shardings, None), donate_argnums=(0,))
-        logger_ = MetricLogger(self.output_dir, self.task_names) if self.process_index == 0 else None
-        previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
-        profile = cfg.train.profile_range()
-        tracing = False
-        losses: list[float] = []
+        run = RunState(state=state, data=data, start_step=start_step)
+        metric_logger = MetricLogger(self.output_dir, self.task_names) if self.process_index == 0 else None
+        hooks = self._hooks(train_step, metric_logger, until_step)
         stopped_by, step = "max_steps", start_step
-        window = _Window(self.num_tasks)
-        expert_usage = None
-        flops_per_step, peak, peak_source = 0.0, None, ""
-        if start_step == 0 and cfg.train.eval_every:
-            self._log_eval(logger_, 0, state)  # where the validation curve starts
-        bar = tqdm(total=cfg.train.max_steps, initial=start_step, desc="train", unit="step",
-                   disable=not self.progress or self.process_index != 0)
         try:
             with use_mesh(self.mesh):
+                for hook in hooks:
+                    hook.at_start(run)
                 while step < cfg.train.max_steps:
-                    micro = [next(data) for _ in range(cfg.train.grad_accum_steps)]
-                    batch = place_micro_batches(micro, self.mesh, process_index=self.process_index,
-                                                process_count=self.process_count)
-                    if step == start_step:
-                        start = time.perf_counter()
-                        compiled = train_step.lower(state, self.frozen, batch).compile()
-                        flops_per_step = compiled_flops(compiled)
-                        peak, peak_source = device_peak_flops(cfg.train.peak_flops_per_device)
-                        self.say(f"compiled the train step in {time.perf_counter() - start:.1f}s "
-                                 f"({flops_per_step / 1e9:.2f} GFLOP per step and device)")
-                    if profile and step == profile[0]:
-                        jax.profiler.start_trace(str(self.output_dir / "profile"))
-                        tracing = True
+                    run.micro_batches = [next(data) for _ in range(cfg.train.grad_accum_steps)]
+                    run.batch = place_micro_batches(run.micro_batches, self.mesh, process_index=self.process_index,
+                                                    process_count=self.process_count)
+                    for hook in hooks:
+                        hook.before_step(run, step)
                     started = time.perf_counter()
-                    state, metrics = train_step(state, self.frozen, batch)
+                    run.state, metrics = train_step(run.state, self.frozen, run.batch)
                     metrics = jax.device_get(metrics)
-                    elapsed = time.perf_counter() - started
+                    run.step_seconds = time.perf_counter() - started
                     step += 1
-                    if tracing and step == profile[1]:
-                        jax.profiler.stop_trace()
-                        tracing = False
-                        self.say(f"profile of steps {profile[0]}..{profile[1] - 1} in {self.output_dir / 'profile'}")
-                    real_tokens = int(sum(np.asarray(b["attention_mask"]).sum() for b in micro))
-                    window.add(metrics, real_tokens, elapsed)
-                    if "router_task_assignments" in metrics:
-                        usage = np.asarray(metrics["router_task_assignments"])
-                        expert_usage = usage if expert_usage is None else expert_usage + usage
-                    if bool(metrics["finite"]):
-                        losses.append(float(metrics["loss"]))
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{float(metrics['loss']):.4f}",
-                                    tok_s=f"{real_tokens / max(elapsed, 1e-9):.0f}")
-                    if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-                        scalars = window.flush(self.task_names, flops_per_step, peak or 0.0, metrics)
-                        if logger_:
-                            logger_.log(step, scalars)
-                    if int(jax.device_get(state.nonfinite_in_a_row)) >= cfg.train.max_consecutive_nonfinite:
-                        stopped_by = "nonfinite"
-                        self.say(f"{cfg.train.max_consecutive_nonfinite} non-finite steps in a row at step {step}: "
-                                 "stopping with a checkpoint of the last finite state")
+                    # Hooks act in order; the first stop reason ends the step (no checkpoint/eval hook after it).
+                    reason = next((r for r in (hook.after_step(run, step, metrics) for hook in hooks) if r), None)
+                    if reason:
+                        stopped_by = reason
                         break
-                    if self._stop_signal:
-                        stopped_by = "signal"
-                        break
-                    if until_step is not None and step >= until_step:
-                        stopped_by = "until_step"
-                        break
-                    if step % cfg.train.checkpoint_every == 0 and step < cfg.train.max_steps:
-                        self.checkpoints.save(step, state, data, self._config_dict())
-                    if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.max_steps:
-                        self._log_eval(logger_, step, state)
-                self.checkpoints.save(step, state, data, self._config_dict(), force=True)
-                self.checkpoints.wait()
-                if stopped_by == "max_steps":
-                    self._log_eval(logger_, step, state)
-                    if cfg.train.export_final:
-                        self.export(state, self.output_dir / "final")
+                for hook in hooks:
+                    hook.at_end(run, step, stopped_by)
         finally:
-            if tracing:  # stopped (signal, NaNs, until_step) inside the profiled range: keep what was traced
-                jax.profiler.stop_trace()
-            bar.close()
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            if logger_:
-                logger_.close()
-            self.checkpoints.close()
-            data.close() if hasattr(data, "close") else None
+            for hook in hooks:
+                hook.close(run)
+            if metric_logger:
+                metric_logger.close()
+            data.close()
         if self.process_index == 0:
-            plots = plot_run(self.output_dir, self.task_names, expert_usage)
-            summary = {"final_step": step, "stopped_by": stopped_by, "skipped_steps": int(state.skipped_total),
-                       "peak_flops_per_device": peak, "peak_source": peak_source,
-                       "plots": [str(p) for p in plots], "bad_records": data.stats.by_task()
-                       if hasattr(data, "stats") else {}}
+            plots = plot_run(self.output_dir, self.task_names, run.expert_usage)
+            summary = {"final_step": step, "stopped_by": stopped_by, "skipped_steps": int(run.state.skipped_total),
+                       "peak_flops_per_device": run.peak_flops, "peak_source": run.peak_source,
+                       "plots": [str(p) for p in plots], "bad_records": data.stats.by_task()}
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return RunResult(step, stopped_by, step, self.output_dir, losses, final_state=state)
+        return RunResult(step, stopped_by, step, self.output_dir, run.losses, final_state=run.state)
+
+    def _hooks(self, train_step, metric_logger: Optional[MetricLogger], until_step: Optional[int]) -> list[Hook]:
+        """The run's hooks, in the order they act after each step (stop checks before the checkpoint)."""
+        cfg = self.config.train
+        return [
+            CompileHook(lambda run: train_step.lower(run.state, self.frozen, run.batch), cfg.peak_flops_per_device,
+                        self.say),
+            ProfileHook(cfg.profile_range(), self.output_dir / "profile", self.say),
+            MetricsHook(self.task_names, cfg.log_every, cfg.max_steps, metric_logger,
+                        progress=self.progress and self.process_index == 0),
+            NonFiniteStopHook(cfg.max_consecutive_nonfinite, self.say),
+            SignalHook(self.say),
+            UntilStepHook(until_step),
+            CheckpointHook(self.checkpoints, cfg.checkpoint_every, cfg.max_steps, self._config_dict),
+            EvalHook(lambda state, step: self._log_eval(metric_logger, step, state), cfg.eval_every, cfg.max_steps),
+            ExportHook(lambda state: self.export(state, self.output_dir / "final") if cfg.export_final else None),
+        ]
 
     def _log_eval(self, logger_, step: int, state: TrainState) -> None:
         # Every process evaluates (the jitted eval step is collective over the global mesh); process 0 logs.
@@ -335,7 +300,8 @@ class Trainer:
         eval_data = dataclasses.replace(cfg.data, split="test", shuffle=True, seed=cfg.data.seed + 1, num_epochs=1,
                                         prefetch_batches=0)
         try:
-            pipeline = Pipeline(eval_data, tokenizer=self.pipeline.tokenizer)
+            pipeline = Pipeline(eval_data, tokenizer=self.pipeline.tokenizer,
+                                feature_mode=self.config.graph.feature_mode)
         except (ValueError, FileNotFoundError, KeyError) as err:
             self.say(f"validation skipped: {err}")
             return {}
@@ -374,52 +340,10 @@ class Trainer:
             extra_metadata={"source": {"kind": "training", "run": str(self.output_dir.resolve()),
                                        "step": int(state.step)},
                             "tasks": self.task_names,
-                            "data": {"double_bos": self.config.data.double_bos,
-                                     "feature_mode": self.config.data.feature_mode}},
+                            "data": {"double_bos": self.config.data.double_bos}},
             assets_from=tokenizer_dir if tokenizer_dir.is_dir() else None)
         self.say(f"model checkpoint written to {directory}")
         return directory
-
-
-class _Window:
-    """Accumulates metrics between two log points."""
-
-    def __init__(self, num_tasks: int):
-        self.num_tasks = num_tasks
-        self.reset()
-
-    def reset(self) -> None:
-        self.steps, self.tokens, self.seconds = 0, 0, 0.0
-        self.losses, self.task_sums, self.task_counts = [], np.zeros(self.num_tasks), np.zeros(self.num_tasks)
-        self.skipped = 0
-
-    def add(self, metrics: dict, tokens: int, seconds: float) -> None:
-        self.steps += 1
-        self.tokens += tokens
-        self.seconds += seconds
-        if bool(metrics["finite"]):
-            self.losses.append(float(metrics["loss"]))
-            self.task_sums += np.asarray(metrics["task_ce_sum"])
-            self.task_counts += np.asarray(metrics["task_tokens"])
-        else:
-            self.skipped += 1
-
-    def flush(self, task_names, flops_per_step: float, peak: float, last: dict) -> dict[str, float]:
-        step_time = self.seconds / max(self.steps, 1)
-        scalars = {
-            "loss": float(np.mean(self.losses)) if self.losses else math.nan,
-            "ce": float(last["ce"]), "aux_loss": float(last["aux_loss"]), "grad_norm": float(last["grad_norm"]),
-            "learning_rate": float(last["learning_rate"]), "tokens_per_s": self.tokens / max(self.seconds, 1e-9),
-            "step_time_s": step_time, "skipped_steps": self.skipped,
-            "mfu": flops_per_step / step_time / peak if peak and flops_per_step else math.nan,
-        }
-        scalars.update(per_task_scalars("task_loss", task_names, self.task_sums, self.task_counts))
-        if "router_load" in last:
-            for layer, loads in enumerate(np.asarray(last["router_load"])):
-                for expert, load in enumerate(loads):
-                    scalars[f"router_load/layer{layer}/expert{expert}"] = float(load)
-        self.reset()
-        return scalars
 
 
 def train(config: Config, *, progress: bool = True) -> RunResult:

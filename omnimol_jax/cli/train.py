@@ -1,0 +1,57 @@
+"""`omnimol train --config configs/<name>.yaml [key=value ...]`, e.g. `init.hf=DIR train.profile_steps=10:15`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "train", help="train stage 1 (projector) or stage 2 (MoGE SFT)",
+        description="Trains under jax.jit shardings over the configured mesh, with Orbax checkpoints (resume "
+                    "by running the same command again), TensorBoard scalars, a JSONL log and end-of-run plots. "
+                    "Any config key can be overridden as key=value, e.g. train.max_steps=100 "
+                    "init.hf=/models/Llama-3.2-1B-Instruct train.profile_steps=10:15.")
+    p.add_argument("--config", required=True, help="run config YAML, e.g. configs/demo.yaml")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host: TPU pods, SLURM, Kubernetes, or "
+                        "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID set by hand)")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_train)
+
+
+def _train(args) -> int:
+    from omnimol_jax.config import ConfigError, load_config
+    from omnimol_jax.data.rejections import NoUsableSamplesError
+    from omnimol_jax.train.trainer import Trainer, TrainingError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.distributed:
+        import os
+
+        import jax
+
+        explicit = {k: os.environ[v] for k, v in (("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
+                                                  ("num_processes", "JAX_NUM_PROCESSES"),
+                                                  ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
+        for key in ("num_processes", "process_id"):
+            if key in explicit:
+                explicit[key] = int(explicit[key])
+        jax.distributed.initialize(**explicit)  # without arguments: cluster auto-detection
+    try:
+        config = load_config(args.config, args.overrides)
+        trainer = Trainer(config, progress=not args.no_progress)
+        result = trainer.run()
+    except (ConfigError, TrainingError, FileNotFoundError, NoUsableSamplesError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    out = result.output_dir
+    print(f"stopped at step {result.final_step} ({result.stopped_by}); run directory: {out}")
+    print(f"  checkpoints: {out / 'checkpoints'}   logs: {out / 'metrics.jsonl'}, {out / 'tensorboard'}")
+    print(f"  plots: {out / 'loss_per_task.png'}" + (f", {out / 'expert_usage.png'}"
+                                                      if (out / 'expert_usage.png').exists() else ""))
+    if (out / "final").exists():
+        print(f"  model: {out / 'final'}")
+    return 0 if result.stopped_by != "nonfinite" else 3

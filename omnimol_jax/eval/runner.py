@@ -1,0 +1,323 @@
+"""The evaluation runner behind `omnimol eval`: test records -> prompts -> batched generation -> resumable
+predictions -> metrics in both protocols -> report.
+
+Prompts are built by the data modules exactly as for training (`omnimol_jax.data.prompts`). The output folder:
+    predictions.jsonl   one record per test example: id ('<task>/<index in file>'), task, prediction, reference,
+                        instruction, generated token count, whether a stop token ended it, and with beams the
+                        K hypotheses and their scores, with MBR the samples, with number-median decoding the
+                        integer-part candidates found per number. Appended after every batch; a rerun resumes.
+    eval_config.json    checkpoint and decoding settings; a rerun with different settings refuses to mix them
+    skipped.json        test records that could not be turned into prompts (file, index, reason)
+    metrics/<task>.json, metrics.md, summary.png   the report (omnimol_jax.eval.report.write_report)
+Sampling is reproducible and independent of batching: each record's random stream is seeded by the seed and a
+hash of its id, so a resumed run draws what an uninterrupted one would have drawn. With K beams on molecule
+tasks, `top<k>_exact_match` (k = 1, 3, 5, 10 up to K) is the share of ALL records whose reference is among the
+first k hypotheses (InChI match; stereo ignored in the reference protocol).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from omnimol_jax import tasks
+from omnimol_jax.config import MeshConfig
+from omnimol_jax.data import readers
+from omnimol_jax.data.prompts import generation_example
+from omnimol_jax.eval.baselines import train_mean_baselines
+from omnimol_jax.eval.metrics import compute_metrics_from_records
+from omnimol_jax.eval.mol_metrics import PROTOCOLS, mol_to_inchi, parse_selfies
+from omnimol_jax.eval.report import PredictionStore, write_report
+from omnimol_jax.inference.decoding import GenerationConfig
+from omnimol_jax.inference.mbr import l1_medoid
+from omnimol_jax.inference.session import InferenceSession, load_session, number_median_decoder, record_seed
+from omnimol_jax.tasks import get_task
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.jsonl"
+SETTINGS_FILE = "eval_config.json"
+SKIPPED_FILE = "skipped.json"
+TOPK_VALUES = (1, 3, 5, 10)
+
+
+class EvalError(RuntimeError):
+    """A problem that stops evaluation (the message names the file or record)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+    """What to evaluate and how (the flags of `omnimol eval` besides decoding)."""
+
+    checkpoint: str
+    data: str
+    tokenizer: Optional[str] = None
+    double_bos: Optional[bool] = None  # None: what the checkpoint was trained with
+    mesh: Optional[MeshConfig] = None
+    layout: str = "omnimol"
+    tasks: str = "all"
+    protocol: str = "both"  # reference | strict | both
+    out: Optional[str] = None
+    batch_size: int = 8
+    limit: Optional[int] = None
+    restart: bool = False
+    progress: bool = True
+    mbr_samples: int = 0
+    number_median: int = 0
+    constrained: bool = False
+    temperature: Optional[float] = None  # MBR samples at this temperature (default 1.0)
+    greedy: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    out_dir: Path
+    report: dict
+    predictions: Path
+    skipped: int
+
+
+@dataclasses.dataclass
+class PendingExample:
+    record_id: str
+    task: str
+    input_ids: Any
+    graph: Any
+    reference: Any
+    record: dict
+
+
+def _group_of(task: str, record: dict) -> Optional[str]:
+    """Yield dataset (BH / SM) of a record when its metadata names one (R^2 is reported per dataset)."""
+    if task != "yield":
+        return None
+    metadata = record.get("metadata") or {}
+    for key in ("dataset", "source_dataset", "subset"):
+        if isinstance(metadata.get(key), str):
+            return metadata[key]
+    return None
+
+
+def _settings(options: EvalOptions, session: InferenceSession, config: GenerationConfig) -> dict:
+    return {"checkpoint": str(session.checkpoint.resolve()), "decoding": dataclasses.asdict(config),
+            "mbr_samples": options.mbr_samples, "number_median": options.number_median,
+            "constrained": bool(options.constrained), "double_bos": session.tokenizer.double_bos,
+            "tokenizer": str(Path(options.tokenizer).resolve()) if options.tokenizer else None}
+
+
+def _check_settings(out_dir: Path, settings: dict, restart: bool) -> None:
+    path = out_dir / SETTINGS_FILE
+    predictions = out_dir / PREDICTIONS_FILE
+    if restart and predictions.exists():
+        predictions.unlink()
+    if predictions.exists() and path.exists():
+        previous = json.loads(path.read_text())
+        # A setting added after those predictions were made counts as off there: they still resume when it is off.
+        changed = sorted(k for k in set(previous) | set(settings)
+                         if previous.get(k) != settings.get(k) and (k in previous or settings[k]))
+        if changed:
+            raise EvalError(f"{predictions} holds predictions made with different settings ({', '.join(changed)}); "
+                            f"pass --restart to discard them or choose another --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _batches(items: Sequence[PendingExample], size: int) -> Iterator[list[PendingExample]]:
+    """Prompts sorted by length so a batch shares a length bucket (fewer pads, fewer compiled shapes)."""
+    ordered = sorted(items, key=lambda e: (len(e.input_ids), e.record_id))
+    for start in range(0, len(ordered), size):
+        yield ordered[start:start + size]
+
+
+def _record(example: PendingExample, prediction: str, **extra) -> dict:
+    record = {"id": example.record_id, "task": example.task, "prediction": prediction,
+              "reference": example.reference, "instruction": example.record.get("instruction", ""), **extra}
+    group = _group_of(example.task, example.record)
+    if group is not None:
+        record["group"] = group
+    return record
+
+
+def _prediction_records(batch: list[PendingExample], out, session: InferenceSession, beams: int) -> list[dict]:
+    records = []
+    for row, example in enumerate(batch):
+        answers = [session.decode(out.answer_ids(row, k)) for k in range(out.tokens.shape[1])]
+        extra = {"num_tokens": int(out.lengths[row, 0]), "finished": bool(out.finished[row, 0])}
+        if beams > 1:
+            extra.update(predictions=answers, scores=[float(s) for s in out.scores[row]])
+        records.append(_record(example, answers[0], **extra))
+    return records
+
+
+def _mbr_prediction_records(batch: list[PendingExample], session: InferenceSession, config, samples: int,
+                            rows: int) -> list[dict]:
+    """N seeded samples per prompt, answered with their L1 medoid (see inference/mbr.py)."""
+    expanded = [e for e in batch for _ in range(samples)]
+    out = session.generator.generate(
+        [e.input_ids for e in expanded], config, [e.graph for e in expanded], rows=rows,
+        row_seeds=[record_seed(config.seed, f"{e.record_id}#{k % samples}") for k, e in enumerate(expanded)],
+        record_ids=[e.record_id for e in expanded])
+    records = []
+    for i, example in enumerate(batch):
+        answers = [session.decode(out.answer_ids(i * samples + k, 0)) for k in range(samples)]
+        chosen = l1_medoid(answers) or 0
+        records.append(_record(example, answers[chosen], num_tokens=int(out.lengths[i * samples + chosen, 0]),
+                               finished=bool(out.finished[i * samples + chosen, 0]), decoding=f"mbr-{samples}",
+                               samples=answers))
+    return records
+
+
+def _median_prediction_records(batch: list[PendingExample], session: InferenceSession, decoder, rows: int,
+                               max_new_tokens: int) -> list[dict]:
+    """Numbers answered with the median of the model's distribution (see inference/number_median.py)."""
+    answers = decoder.generate([e.input_ids for e in batch], [e.graph for e in batch], max_new_tokens=max_new_tokens,
+                               rows=rows, record_ids=[e.record_id for e in batch])
+    return [_record(example, session.decode(answer.ids), num_tokens=len(answer.ids), finished=answer.finished,
+                    decoding=f"median-{decoder.slots}", numbers=answer.numbers)
+            for example, answer in zip(batch, answers)]
+
+
+def topk_exact_match(records: Sequence[dict], protocol: str, beams: int) -> dict[str, float]:
+    """Share of records whose reference molecule is among the first k hypotheses (all records count)."""
+    ks = [k for k in TOPK_VALUES if k <= beams]
+    hits = {k: 0 for k in ks}
+    for record in records:
+        target = parse_selfies(str(record["reference"]), protocol)
+        target_inchi = mol_to_inchi(target.mol) if target.valid else ""
+        first_hit = None
+        for rank, prediction in enumerate(record.get("predictions", [record["prediction"]])):
+            parsed = parse_selfies(prediction, protocol)
+            if target_inchi and parsed.valid and mol_to_inchi(parsed.mol) == target_inchi:
+                first_hit = rank
+                break
+        for k in ks:
+            hits[k] += first_hit is not None and first_hit < k
+    return {f"top{k}_exact_match": hits[k] / len(records) for k in ks} if records else {}
+
+
+def evaluate_predictions(store, task_ids: dict[str, list[str]], protocols: Sequence[str], tokenize_fn,
+                         beams: int) -> dict:
+    """{task: {protocol: metrics}} from stored predictions (tasks with no prediction are left out)."""
+    results = {}
+    for task, ids in task_ids.items():
+        present = [i for i in ids if i in store]
+        if not present:
+            continue
+        records = store.for_task(task, order=present)
+        metrics = compute_metrics_from_records(task, records, protocols, tokenize_fn=tokenize_fn)
+        if beams > 1 and get_task(task).metric_set == "molecule":
+            for protocol in protocols:
+                metrics[protocol].update(topk_exact_match(records, protocol, beams))
+        results[task] = metrics
+    return results
+
+
+def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult:
+    """Generates what is missing from <out>/predictions.jsonl, scores every task and writes the report."""
+    if options.batch_size < 1:
+        raise EvalError(f"--batch-size must be >= 1, got {options.batch_size}")
+    if options.limit is not None and options.limit < 1:
+        raise EvalError(f"--limit must be >= 1, got {options.limit}")
+    if options.mbr_samples < 0 or options.mbr_samples == 1:
+        raise EvalError(f"--mbr-samples must be 0 (off) or >= 2, got {options.mbr_samples}")
+    if options.mbr_samples and (config.num_beams > 1 or options.greedy):
+        raise EvalError("--mbr-samples samples: it excludes --beams and --greedy")
+    if options.mbr_samples and options.number_median:
+        raise EvalError("--mbr-samples and --number-median are two ways to decode numbers: choose one")
+    mbr_config = dataclasses.replace(config, temperature=options.temperature or 1.0) if options.mbr_samples else None
+    task_keys = (readers.available_tasks(options.data, options.layout) if options.tasks.strip() == "all"
+                 else [t.strip() for t in options.tasks.replace("/", ",").split(",") if t.strip()])
+    for key in task_keys:
+        tasks.get_task(key)
+    if not task_keys:
+        raise EvalError(f"no task files in {options.data} ({options.layout} layout)")
+    protocols = PROTOCOLS if options.protocol == "both" else (options.protocol,)
+    wants_constraint = options.constrained and any(tasks.get_task(k).output_type == tasks.OUTPUT_SELFIES
+                                                for k in task_keys)
+    session = load_session(options.checkpoint, options.tokenizer, double_bos=options.double_bos,
+                           mesh_config=options.mesh, constrained=wants_constraint)
+    out_dir = Path(options.out) if options.out else Path("eval") / session.checkpoint.resolve().name
+    _check_settings(out_dir, _settings(options, session, config), options.restart)
+    store = PredictionStore(out_dir / PREDICTIONS_FILE)
+    median_decoder = number_median_decoder(session, options.number_median) if options.number_median else None
+
+    # Which test records each task has, and which still lack a prediction.
+    sources, task_ids, missing = {}, {}, {}
+    for key in task_keys:
+        source = readers.open_task(options.data, key, "test", options.layout)
+        count = len(source) if options.limit is None else min(len(source), options.limit)
+        if count == 0:
+            logger.warning("task %s: no test records in %s", key, source.path)
+            continue
+        sources[key] = source
+        task_ids[key] = [f"{key}/{source.record_index(i)}" for i in range(count)]
+        missing[key] = [i for i, rid in enumerate(task_ids[key]) if rid not in store]
+    if not task_ids:
+        raise EvalError(f"no test records for {task_keys} in {options.data}")
+    total_missing = sum(len(v) for v in missing.values())
+    done_before = sum(len(v) for v in task_ids.values()) - total_missing
+    skipped: list[dict] = []
+    model_config = session.model.language_model.config
+    bar = tqdm(total=total_missing, desc="eval", unit="rec", disable=not options.progress, file=sys.stderr)
+    if done_before:
+        bar.write(f"resuming: {done_before} predictions already in {store.path}")
+    for key, indices in missing.items():
+        spec, source = tasks.get_task(key), sources[key]
+        constrained = wants_constraint and spec.output_type == tasks.OUTPUT_SELFIES
+        pending = []
+        for i in indices:
+            record_id = task_ids[key][i]
+            try:
+                record = source[i]
+                example = generation_example(spec, record, session.tokenizer, session.feature_mode)
+            except ValueError as err:
+                skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
+                                "reason": str(err)[:300]})
+                logger.warning("skipped %s (%s record %d): %s", record_id, source.path, source.record_index(i), err)
+                bar.update(1)
+                continue
+            reason = model_config.position_overflow(len(example.input_ids), config.max_new_tokens)
+            if reason:
+                skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
+                                "reason": reason})
+                logger.warning("skipped %s: %s", record_id, reason)
+                bar.update(1)
+                continue
+            pending.append(PendingExample(record_id, key, example.input_ids, example.graph, record["output"], record))
+        bar.set_postfix_str(key)
+        mbr = mbr_config is not None and spec.answers_number
+        for batch in _batches(pending, options.batch_size):
+            if median_decoder is not None and spec.answers_number:
+                store.append(_median_prediction_records(batch, session, median_decoder, options.batch_size,
+                                                        config.max_new_tokens))
+                bar.update(len(batch))
+                continue
+            if mbr:
+                store.append(_mbr_prediction_records(batch, session, mbr_config, options.mbr_samples,
+                                                     rows=options.batch_size * options.mbr_samples))
+                bar.update(len(batch))
+                continue
+            out = session.generator.generate(
+                [e.input_ids for e in batch], config, [e.graph for e in batch], constrained=constrained,
+                rows=options.batch_size, row_seeds=[record_seed(config.seed, e.record_id) for e in batch],
+                record_ids=[e.record_id for e in batch])
+            store.append(_prediction_records(batch, out, session, config.num_beams))
+            bar.update(len(batch))
+    bar.close()
+    (out_dir / SKIPPED_FILE).write_text(json.dumps(skipped, indent=2) + "\n")
+
+    def tokenize_fn(text: str) -> list[str]:
+        return session.tokenizer.tokenizer.encode(text, add_special_tokens=False).tokens
+
+    results = evaluate_predictions(store, task_ids, protocols, tokenize_fn, config.num_beams)
+    if not results:
+        raise EvalError("no predictions to score (every record was skipped; see skipped.json)")
+    results.update(train_mean_baselines(results, store, task_ids, options.data, options.layout, protocols,
+                                        tokenize_fn))
+    paths = write_report(results, out_dir)
+    return EvalResult(out_dir=out_dir, report=paths, predictions=store.path, skipped=len(skipped))

@@ -1,0 +1,85 @@
+"""A loaded checkpoint ready to answer: model, tokenizer, Generator (optionally SELFIES-constrained), and the
+seeding that makes sampling independent of batching (what `omnimol generate` and `omnimol eval` share)."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from omnimol_jax.checkpoint import ASSETS_DIR, CheckpointError, load_omnimol
+from omnimol_jax.config import MeshConfig
+from omnimol_jax.data.tokenizer import EOS, TokenizerError, load_chat_tokenizer
+from omnimol_jax.inference.decoding import Generator
+from omnimol_jax.inference.number_median import NumberMedianDecoder, number_tokens_for_tokenizer
+from omnimol_jax.inference.selfies_constraint import constraint_for_tokenizer
+from omnimol_jax.sharding import build_mesh
+
+
+class SessionError(RuntimeError):
+    """The checkpoint or its tokenizer cannot be used (the message names the path)."""
+
+
+@dataclasses.dataclass
+class InferenceSession:
+    """A loaded checkpoint with its tokenizer and a Generator (with the SELFIES automaton when asked for)."""
+
+    model: Any
+    meta: dict
+    tokenizer: Any
+    generator: Any
+    feature_mode: str
+    checkpoint: Path
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = None, *,
+                 double_bos: Optional[bool] = True,
+                 mesh_config: Optional[MeshConfig] = None, constrained: bool = False) -> InferenceSession:
+    """Loads a full Omni-Mol checkpoint (sharded over `mesh_config` when given), its tokenizer and a Generator."""
+    checkpoint = Path(checkpoint)
+    mesh = build_mesh(mesh_config) if mesh_config is not None else None
+    try:
+        model, meta = load_omnimol(checkpoint, mesh=mesh)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise SessionError(str(err)) from None
+    tokenizer_source = Path(tokenizer_path) if tokenizer_path else checkpoint / ASSETS_DIR
+    if double_bos is None:  # not chosen on the command line: follow the training data's convention
+        double_bos = bool(meta.get("data", {}).get("double_bos", True))
+    try:
+        tokenizer = load_chat_tokenizer(tokenizer_source, double_bos=double_bos)
+    except (FileNotFoundError, TokenizerError) as err:
+        raise SessionError(f"tokenizer: {err} (pass --tokenizer, or save the tokenizer into "
+                        f"{checkpoint / ASSETS_DIR})") from None
+    config = model.language_model.config
+    if tokenizer.vocab_size > config.vocab_size:
+        raise SessionError(f"the tokenizer at {tokenizer_source} has {tokenizer.vocab_size} tokens, more than the "
+                        f"model's vocabulary of {config.vocab_size}")
+    stops = {tokenizer.eot_id}
+    end_of_text = tokenizer.tokenizer.token_to_id(EOS)
+    if end_of_text is not None:
+        stops.add(end_of_text)
+    constraint = constraint_for_tokenizer(tokenizer, config.vocab_size) if constrained else None
+    generator = Generator(model, pad_token_id=tokenizer.pad_id, stop_token_ids=sorted(stops), mesh=mesh,
+                          constraint=constraint)
+    feature_mode = (meta.get("graph") or {}).get("feature_mode", "omnimol")
+    return InferenceSession(model, meta, tokenizer, generator, feature_mode, checkpoint)
+
+
+def number_median_decoder(session: InferenceSession, slots: int):
+    """The median number decoder (inference/number_median.py) over the session's generator and tokenizer."""
+    vocab_size = session.model.language_model.config.vocab_size
+    try:
+        number_tokens = number_tokens_for_tokenizer(session.tokenizer, vocab_size)
+    except ValueError as err:
+        raise SessionError(f"number-median decoding: {err}") from None
+    return NumberMedianDecoder(session.generator, number_tokens, slots=slots)
+
+
+def record_seed(seed: int, record_id: str) -> int:
+    """A record's sampling stream: stable across runs, batchings and resumes."""
+    digest = hashlib.blake2b(f"{seed}\x1f{record_id}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF

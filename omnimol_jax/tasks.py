@@ -1,0 +1,256 @@
+"""The task registry: the 16 Omni-Mol tasks plus `complexity` and `scf`.
+
+For every task: its family, how the user text is built from a record (SPEC.md section 5), which
+molecules become graphs (a rule name resolved by `omnimol_jax.data.molecules`), what the answer is
+(SELFIES / number / text), the metric set the evaluation uses, and where its records live in the
+public releases (Omni-Mol dataset file-name substrings, Mol-Instructions file names).
+
+Prompt templates follow the public Omni-Mol code (`data_pipe/datasets*.py`). One place differs from
+the SPEC table: for `scf` the code writes "The molecule SELFIES sequence is:" and builds the graph
+from the whole input (like weight/logp), not "The compound ..." with the first component; we follow
+the code, which is what released checkpoints were trained on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Any, Mapping, Optional, Sequence
+
+from omnimol_jax.constants import IMAGE_PLACEHOLDER
+
+FAMILY_MOL2MOL = "Mol2Mol"
+FAMILY_MOL2NUM = "Mol2Num"
+FAMILY_MOL2TEXT = "Mol2Text"
+FAMILY_TEXT2MOL = "Text2Mol"
+FAMILIES = (FAMILY_MOL2MOL, FAMILY_MOL2NUM, FAMILY_MOL2TEXT, FAMILY_TEXT2MOL)
+
+OUTPUT_SELFIES = "selfies"
+OUTPUT_NUMBER = "number"  # a bare number (the JSON value may be a number or its string)
+OUTPUT_NUMBER_IN_TEXT = "number_in_text"  # a sentence whose first number is the answer
+OUTPUT_TEXT = "text"
+OUTPUT_TYPES = (OUTPUT_SELFIES, OUTPUT_NUMBER, OUTPUT_NUMBER_IN_TEXT, OUTPUT_TEXT)
+
+# Graph rules; resolved to SMILES by omnimol_jax.data.molecules (the one place that knows them).
+RULE_INPUT = "input"
+RULE_FIRST_COMPONENT = "first_component"
+RULE_REACTANT_SIDE = "reactant_side"
+RULE_PRODUCT = "product"
+RULE_EXTRACTED = "extracted"
+RULE_NONE = "none"
+GRAPH_RULES = (RULE_INPUT, RULE_FIRST_COMPONENT, RULE_REACTANT_SIDE, RULE_PRODUCT, RULE_EXTRACTED, RULE_NONE)
+
+# Metric sets (names used by evaluation) -> the metrics each reports (SPEC.md section 6).
+METRIC_SETS: dict[str, tuple[str, ...]] = {
+    "molecule": ("validity", "exact_match", "bleu", "levenshtein", "maccs_fts", "rdk_fts", "morgan_fts"),
+    "homolumo_mae": ("mae_homo", "mae_lumo", "mae_gap", "mae"),
+    "number_mae": ("mae",),
+    "yield_r2": ("r2",),
+    "caption": ("bleu2", "bleu4", "meteor", "rouge1", "rouge2", "rougeL"),
+    "procedure": ("bleu2", "bleu4", "meteor", "rouge1", "rouge2", "rougeL",
+                  "lev_ge_1.0", "lev_ge_0.9", "lev_ge_0.75", "lev_ge_0.5"),
+}
+
+# The public code picks one of these at random for every molcap sample (and for stage-1 alignment).
+MOLCAP_QUESTIONS: tuple[str, ...] = (
+    "Could you give me a brief overview of this molecule?",
+    "Could you provide a description of this molecule?",
+    "Describe this molecule.",
+    "Please give me some details about this molecule.",
+    "Provide a brief overview of this molecule.",
+    "Provide a description of this molecule.",
+    "What can you tell me about this molecule?",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec:
+    """Everything the data pipeline and the evaluation need to know about one task."""
+
+    key: str
+    family: str
+    title: str
+    # User text after the placeholder; fields {instruction} and {input}. The instruction of molcap
+    # comes from `question_pool` instead of the record.
+    user_template: str
+    graph_rule: str
+    output_type: str
+    metric_set: str
+    # Omni-Mol release: a file whose name contains this substring (as the public code matches them).
+    release_file_key: str
+    # When that file holds several tasks, only records with this metadata.task value belong here.
+    release_metadata_task: Optional[str] = None
+    # Mol-Instructions (molecule-oriented) file holding this task, if any.
+    mol_instructions_file: Optional[str] = None
+    question_pool: tuple[str, ...] = ()
+    # extra record fields the task needs besides instruction/input/output/metadata
+    extra_fields: tuple[str, ...] = ()
+
+    @property
+    def has_graph(self) -> bool:
+        return self.graph_rule != RULE_NONE
+
+    @property
+    def answers_number(self) -> bool:
+        """The answer is a number, alone or in a sentence (what MBR / median number decoding apply to)."""
+        return self.output_type in (OUTPUT_NUMBER, OUTPUT_NUMBER_IN_TEXT)
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return METRIC_SETS[self.metric_set]
+
+
+_PROMPT_THE_REACTION = "{instruction} The reaction is {input}."
+_PROMPT_COMPOUND = "{instruction} The compound SELFIES sequence is: {input}"
+_PROMPT_MOLECULE = "{instruction} The molecule SELFIES sequence is: {input}"
+
+_SPECS: tuple[TaskSpec, ...] = (
+    # ---- Mol2Mol
+    TaskSpec("forward", FAMILY_MOL2MOL, "Forward reaction prediction", "{instruction} {input}",
+             RULE_FIRST_COMPONENT, OUTPUT_SELFIES, "molecule", "forward",
+             mol_instructions_file="forward_reaction_prediction.json"),
+    TaskSpec("reagent", FAMILY_MOL2MOL, "Reagent prediction", "{instruction} The reaction is {input}",
+             RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "reagent",
+             mol_instructions_file="reagent_prediction.json"),
+    TaskSpec("retrosynthesis", FAMILY_MOL2MOL, "Retrosynthesis", "{instruction} The product is: {input}",
+             RULE_PRODUCT, OUTPUT_SELFIES, "molecule", "retrosynthesis",
+             mol_instructions_file="retrosynthesis.json"),
+    TaskSpec("solvent", FAMILY_MOL2MOL, "Solvent prediction", _PROMPT_THE_REACTION,
+             RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "solvent"),
+    TaskSpec("catalyst", FAMILY_MOL2MOL, "Catalyst prediction", _PROMPT_THE_REACTION,
+             RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "catalyst"),
+    TaskSpec("molediting", FAMILY_MOL2MOL, "Molecule editing", _PROMPT_COMPOUND,
+             RULE_INPUT, OUTPUT_SELFIES, "molecule", "molecule_editing"),
+    # ---- Mol2Num
+    TaskSpec("homolumo", FAMILY_MOL2NUM, "HOMO/LUMO prediction", _PROMPT_COMPOUND,
+             RULE_INPUT, OUTPUT_NUMBER, "homolumo_mae", "property",
+             mol_instructions_file="property_prediction.json"),
+    TaskSpec("weight", FAMILY_MOL2NUM, "Molecular weight", _PROMPT_MOLECULE,
+             RULE_INPUT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="Molecular Weight"),
+    TaskSpec("logp", FAMILY_MOL2NUM, "LogP", _PROMPT_MOLECULE,
+             RULE_INPUT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="LogP"),
+    TaskSpec("tpsa", FAMILY_MOL2NUM, "Topological polar surface area", _PROMPT_COMPOUND,
+             RULE_FIRST_COMPONENT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit",
+             release_metadata_task="Topological Polar Surface Area"),
+    TaskSpec("yield", FAMILY_MOL2NUM, "Yield regression", _PROMPT_THE_REACTION,
+             RULE_REACTANT_SIDE, OUTPUT_NUMBER, "yield_r2", "yields_regression"),
+    # ---- Mol2Text
+    TaskSpec("experiment", FAMILY_MOL2TEXT, "Experimental procedure prediction",
+             "{instruction}{input}. The Action Sequence: ", RULE_EXTRACTED, OUTPUT_TEXT, "procedure",
+             "exp_procedure_pred", extra_fields=("extracted_molecules",)),
+    TaskSpec("dqa", FAMILY_MOL2TEXT, "Description QA", _PROMPT_COMPOUND,
+             RULE_FIRST_COMPONENT, OUTPUT_TEXT, "caption", "3d_moit", release_metadata_task="Description"),
+    TaskSpec("molcap", FAMILY_MOL2TEXT, "Molecule captioning", "{instruction} The compound sequence is: {input}",
+             RULE_INPUT, OUTPUT_TEXT, "caption", "molcap_train",
+             mol_instructions_file="molecular_description_generation.json", question_pool=MOLCAP_QUESTIONS),
+    # ---- Text2Mol
+    TaskSpec("iupac", FAMILY_TEXT2MOL, "IUPAC name to SELFIES", "{instruction} The IUPAC name is: {input}",
+             RULE_NONE, OUTPUT_SELFIES, "molecule", "iupac"),
+    TaskSpec("textguidedmolgen", FAMILY_TEXT2MOL, "Text-guided molecule generation",
+             "{instruction} The description is: {input}", RULE_NONE, OUTPUT_SELFIES, "molecule", "text_guided",
+             mol_instructions_file="description_guided_molecule_design.json"),
+    # ---- extra Mol2Num tasks of the public code (not among the paper's 16)
+    TaskSpec("complexity", FAMILY_MOL2NUM, "Molecular complexity", _PROMPT_COMPOUND,
+             RULE_FIRST_COMPONENT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="Complexity"),
+    TaskSpec("scf", FAMILY_MOL2NUM, "SCF energy", _PROMPT_MOLECULE,
+             RULE_INPUT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "scf", release_metadata_task="SCF Energy"),
+)
+
+TASKS: dict[str, TaskSpec] = {spec.key: spec for spec in _SPECS}
+TASK_KEYS: tuple[str, ...] = tuple(spec.key for spec in _SPECS)
+# The 16 tasks of the paper, in the order of the public training script.
+PAPER_TASKS: tuple[str, ...] = (
+    "forward", "retrosynthesis", "reagent", "homolumo", "molcap", "solvent", "catalyst", "yield",
+    "experiment", "tpsa", "weight", "dqa", "logp", "iupac", "textguidedmolgen", "molediting",
+)
+
+# Instruction phrasings of the built-in corpus (omnimol build-data); `omnimol generate` uses the first one when
+# no instruction is given. Tasks not listed here take theirs from the record (or a question pool).
+INSTRUCTIONS: dict[str, tuple[str, ...]] = {
+    "forward": ("With the provided reactants and reagents, propose a potential product:",
+                "Based on the given reactants, what product could be formed?",
+                "Given the following reactants, predict the product of the reaction."),
+    "retrosynthesis": ("Please suggest potential reactants used in the synthesis of the provided product.",
+                       "Which reactants could be used to make this product?",
+                       "Propose starting materials for the synthesis of this molecule."),
+    "weight": ("What is the molecular weight of this molecule?", "Calculate the molecular weight of this molecule.",
+               "Please provide the molecular weight of the given molecule."),
+    "logp": ("What is the LogP of this molecule?", "Estimate the octanol-water partition coefficient (LogP) "
+             "of this molecule.", "Please provide the LogP value of the given molecule."),
+    "tpsa": ("What is the topological polar surface area (TPSA) of this molecule?",
+             "Calculate the TPSA of this compound.", "Please provide the topological polar surface area of "
+             "the given compound."),
+    "complexity": ("What is the complexity of this molecule?", "Estimate the Bertz complexity of this compound.",
+                   "Please provide the molecular complexity of the given compound."),
+    "iupac": ("Translate the given IUPAC name into a molecule.", "Please give the molecule with this name.",
+              "Which molecule does this name describe?"),
+    "textguidedmolgen": ("Create a molecule that fits the description.",
+                         "Design a molecule with the structure described below.",
+                         "Generate a molecule matching the given description."),
+}
+
+SYSTEM_PROMPT = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+def get_task(key: str) -> TaskSpec:
+    try:
+        return TASKS[key]
+    except KeyError:
+        raise KeyError(f"unknown task {key!r}; known tasks: {', '.join(TASK_KEYS)}") from None
+
+
+def default_instruction(key: str) -> Optional[str]:
+    """The standard instruction of a task, None when it has none."""
+    options = INSTRUCTIONS.get(key)
+    return options[0] if options else None
+
+
+def answer_text(spec: TaskSpec, record: Mapping[str, Any]) -> str:
+    """The assistant answer as the model sees it (numbers are written as the public code does: str())."""
+    output = record["output"]
+    return output if isinstance(output, str) else str(output)
+
+
+def choose_question(spec: TaskSpec, record: Mapping[str, Any], draw: Optional[int] = None) -> str:
+    """Picks the molcap question. `draw` (e.g. from the pipeline's per-sample RNG) selects it; without it the
+    choice is a stable hash of the input, so rendering a record twice gives the same prompt."""
+    pool = spec.question_pool
+    if draw is None:
+        draw = int.from_bytes(hashlib.blake2b(str(record.get("input", "")).encode(), digest_size=4).digest(), "little")
+    return pool[draw % len(pool)]
+
+
+def user_text(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optional[int] = None) -> str:
+    """The user turn after the placeholder, exactly as the public code writes it."""
+    instruction = choose_question(spec, record, question_draw) if spec.question_pool else record["instruction"]
+    return spec.user_template.format(instruction=instruction, input=record["input"])
+
+
+def user_message(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optional[int] = None) -> str:
+    """The whole user turn: the `<image>` placeholder line for graph tasks, then the user text."""
+    text = user_text(spec, record, question_draw)
+    return f"{IMAGE_PLACEHOLDER}\n{text}" if spec.has_graph else text
+
+
+def chat_text(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optional[int] = None,
+              with_answer: bool = True, system: str = SYSTEM_PROMPT) -> str:
+    """The full llama3 conversation string of SPEC.md (one BOS written; the tokenizer may add the second)."""
+    text = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
+            f"<|start_header_id|>user<|end_header_id|>\n\n{user_message(spec, record, question_draw)}<|eot_id|>"
+            f"<|start_header_id|>assistant<|end_header_id|>\n\n")
+    if with_answer:
+        text += f"{answer_text(spec, record)}<|eot_id|>"
+    return text
+
+
+def parse_task_list(text: str | Sequence[str]) -> list[str]:
+    """'forward/logp' or 'forward,logp' or a list -> validated task keys ('all' = the 16 paper tasks)."""
+    if isinstance(text, str):
+        parts = [p.strip() for p in text.replace(",", "/").split("/") if p.strip()]
+    else:
+        parts = [str(p).strip() for p in text]
+    if parts == ["all"]:
+        return list(PAPER_TASKS)
+    for part in parts:
+        get_task(part.split(":")[0])
+    return parts

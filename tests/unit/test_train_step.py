@@ -1,0 +1,72 @@
+"""The train step's objective: exact token-mean CE, the task-balanced variant, and gradient accumulation."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from omnimol_jax.checkpoint import omnimol_constructor
+from omnimol_jax.config import GraphConfig, LoRAConfig, TrainConfig, model_config_from_preset
+from omnimol_jax.constants import IGNORE_INDEX
+from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
+
+CONFIG = dataclasses.replace(model_config_from_preset("tiny"), lora=LoRAConfig(enabled=True, rank=4, dropout=0.0))
+
+
+def text_batch(seed: int, rows: int = 4, seq: int = 12) -> dict:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, CONFIG.vocab_size, (rows, seq)).astype(np.int32)
+    labels = np.where(np.arange(seq)[None] >= seq // 2, ids, IGNORE_INDEX).astype(np.int32)  # answers only
+    ones = np.ones((rows, seq), np.int32)
+    tasks = np.repeat(np.arange(rows, dtype=np.int32)[:, None] % 3, seq, axis=1)  # three tasks
+    return {"input_ids": ids, "labels": labels, "positions": np.tile(np.arange(seq, dtype=np.int32), (rows, 1)),
+            "segment_ids": ones, "attention_mask": ones, "token_task_ids": tasks, "graphs": None}
+
+
+def setup(task_balanced: bool):
+    model = omnimol_constructor(CONFIG, GraphConfig(num_layers=1, hidden_size=8), seed=0)()
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(2), ...)
+    rng = np.random.default_rng(1)
+    params = {k: (jnp.asarray(rng.normal(0, 0.05, v.shape), v.dtype) if k.endswith("/b") else v)
+              for k, v in flatten_state(trainable).items()}
+    tx, schedule = make_optimizer(TrainConfig(max_steps=10, learning_rate=1e-2, warmup_ratio=0.0))
+    steps = make_step_functions(graphdef, StateLayout.of(trainable), tx, num_tasks=3, aux_loss_coef=0.0,
+                                task_balanced=task_balanced, schedule=schedule)
+    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(0)),
+                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    return steps, state, frozen
+
+
+def stack(*batches):
+    return jax.tree.map(lambda *x: np.stack(x), *batches)
+
+
+def test_loss_is_the_token_mean_and_task_balanced_is_the_mean_of_normalised_task_losses():
+    steps, state, frozen = setup(task_balanced=False)
+    batch = text_batch(0)
+    per_task = steps.eval_step(state.trainable, frozen, batch)
+    task_loss = np.asarray(per_task["task_ce_sum"]) / np.asarray(per_task["task_tokens"])
+    _, metrics = steps.train_step(state, frozen, stack(batch))
+    assert float(metrics["loss"]) == pytest.approx(float(per_task["ce_sum"]) / float(per_task["tokens"]), rel=1e-6)
+
+    balanced_steps, balanced_state, _ = setup(task_balanced=True)
+    _, metrics = balanced_steps.train_step(balanced_state, frozen, stack(batch))
+    assert float(metrics["loss"]) == pytest.approx(float(np.mean(task_loss / (task_loss + 1e-5))), rel=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    steps, state, frozen = setup(task_balanced=False)
+    a, b = text_batch(1, rows=2), text_batch(2, rows=2)
+    both = jax.tree.map(lambda x, y: None if x is None else np.concatenate([x, y]), a, b,
+                        is_leaf=lambda x: x is None)
+    accumulated, m_acc = jax.jit(steps.train_step)(state, frozen, stack(a, b))
+    steps2, state2, frozen2 = setup(task_balanced=False)  # a fresh state: the first step's was donated
+    whole, m_whole = jax.jit(steps2.train_step)(state2, frozen2, stack(both))
+    assert float(m_acc["loss"]) == pytest.approx(float(m_whole["loss"]), rel=1e-6)
+    assert float(m_acc["grad_norm"]) == pytest.approx(float(m_whole["grad_norm"]), rel=1e-5)
+    for key in whole.trainable:
+        np.testing.assert_allclose(np.asarray(accumulated.trainable[key]), np.asarray(whole.trainable[key]),
+                                   atol=1e-6, err_msg=key)
