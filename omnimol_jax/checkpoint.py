@@ -32,7 +32,18 @@ META_FILE = "omnimol_checkpoint.json"
 PARAMS_DIR = "params"
 ASSETS_DIR = "hf_assets"
 
+# The one flat-key convention: a variable's key is its nnx path as a tuple of strings, ("layers", "0", "mlp", ...);
+# `path_text` is that key written out ("layers/0/mlp/..."), for messages, regular expressions (train.unfreeze) and
+# pytrees that need string keys (the train state in run checkpoints).
 FlatParams = dict[tuple[str, ...], Any]
+
+
+def path_key(path: tuple) -> tuple[str, ...]:
+    return tuple(map(str, path))
+
+
+def path_text(path: tuple) -> str:
+    return "/".join(map(str, path))
 
 
 class CheckpointError(ValueError):
@@ -65,7 +76,7 @@ def unflatten(flat: FlatParams) -> dict:
 
 def flat_variables(state: nnx.State) -> dict[tuple[str, ...], nnx.Variable]:
     """The variables of an nnx State keyed by string paths (checkpoint layout)."""
-    return {tuple(map(str, path)): variable for path, variable in nnx.to_flat_state(state)}
+    return {path_key(path): variable for path, variable in nnx.to_flat_state(state)}
 
 
 def flat_values(state: nnx.State) -> FlatParams:
@@ -87,8 +98,8 @@ def assign_params(module: nnx.Module, params: FlatParams, strict: bool = True, k
     """Writes `params` into the module's `kind` variables, each cast to the variable's dtype and placed with
     its sharding; returns how many were written. Shapes must match; with `strict` so must the key sets."""
     variables = flat_variables(nnx.state(module, kind))
-    missing = ["/".join(k) for k in variables if k not in params]
-    unexpected = ["/".join(k) for k in params if k not in variables]
+    missing = [path_text(k) for k in variables if k not in params]
+    unexpected = [path_text(k) for k in params if k not in variables]
     mismatched, written = [], 0
     for key, value in params.items():
         variable = variables.get(key)
@@ -96,7 +107,7 @@ def assign_params(module: nnx.Module, params: FlatParams, strict: bool = True, k
             continue
         current = variable.get_value()
         if tuple(value.shape) != tuple(current.shape):
-            mismatched.append(f"{'/'.join(key)}: checkpoint {tuple(value.shape)} vs model {tuple(current.shape)}")
+            mismatched.append(f"{path_text(key)}: checkpoint {tuple(value.shape)} vs model {tuple(current.shape)}")
             continue
         variable.set_value(jax.device_put(np.asarray(value, dtype=current.dtype), current.sharding))
         written += 1

@@ -27,6 +27,7 @@ from omnimol_jax.checkpoint import (
     flat_variables,
     load_params,
     params_metadata,
+    path_text,
     read_metadata,
     save_params,
     write_metadata,
@@ -298,7 +299,7 @@ def export_hf(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = No
         raise HFConversionError(f"--dtype {dtype!r} is not supported; use one of {list(NUMPY_DTYPES)}")
     table = tensor_table(config)
     stored = params_metadata(checkpoint)
-    missing = ["/".join(m.path) for m in table if m.path not in stored]
+    missing = [path_text(m.path) for m in table if m.path not in stored]
     wrong = [f"{'/'.join(m.path)}: {stored[m.path].shape} vs {m.ours_shape}" for m in table
              if m.path in stored and tuple(stored[m.path].shape) != m.ours_shape]
     if missing or wrong:

@@ -10,6 +10,7 @@ from typing import Sequence
 
 from flax import nnx
 
+from omnimol_jax.checkpoint import path_text
 from omnimol_jax.model.lora import LoRAScale, LoRAWeight, RouterWeight
 
 
@@ -30,8 +31,8 @@ def trainable_filter(stage: int = 2, unfreeze: Sequence[str] = ()):
     patterns = [re.compile(p) for p in unfreeze]
 
     def unfrozen(path, value) -> bool:
-        joined = "/".join(map(str, path))
-        return any(p.search(joined) for p in patterns)
+        text = path_text(path)
+        return any(p.search(text) for p in patterns)
 
     return nnx.Any(base, nnx.All(nnx.Param, unfrozen))
 

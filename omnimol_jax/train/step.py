@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from omnimol_jax.checkpoint import path_text
 from omnimol_jax.constants import IGNORE_INDEX
 
 Flat = dict[str, jax.Array]
@@ -24,7 +25,8 @@ _global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.glob
 
 
 def flatten_state(state: nnx.State) -> Flat:
-    return {"/".join(map(str, path)): variable.get_value() for path, variable in nnx.to_flat_state(state)}
+    """The state's arrays keyed by `path_text` (Orbax stores the train state as a string-keyed dict)."""
+    return {path_text(path): variable.get_value() for path, variable in nnx.to_flat_state(state)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class StateLayout:
 
     @classmethod
     def of(cls, state: nnx.State) -> "StateLayout":
-        keys = tuple("/".join(map(str, path)) for path, _ in nnx.to_flat_state(state))
+        keys = tuple(path_text(path) for path, _ in nnx.to_flat_state(state))
         leaves, treedef = jax.tree.flatten(state)
         if len(leaves) != len(keys):
             raise ValueError("state leaves and paths disagree; cannot build a flat layout")
