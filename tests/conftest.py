@@ -14,6 +14,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A persistent compilation cache shared by both xdist workers and the subprocesses of e2e tests: many tests
+# compile the same tiny train and decode steps (each Trainer builds fresh closures, so jit's in-memory cache
+# misses). Programs compiling in under a second are not stored. Results are bitwise those of a fresh compile.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"))
 
 import pytest  # noqa: E402
 

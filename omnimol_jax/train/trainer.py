@@ -26,11 +26,11 @@ from flax import nnx
 from omnimol_jax import checkpoint as model_ckpt
 from omnimol_jax.config import Config, save_config
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
-from omnimol_jax.data.loader import model_batch, place_batch, place_micro_batches
+from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.model.gin import mean_pairwise_cosine
 from omnimol_jax.model.graph_batch import node_mask
-from omnimol_jax.sharding import batch_sharding, build_mesh, create_sharded_model, use_mesh
+from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
 from omnimol_jax.train.checkpoints import RunCheckpoints, abstract_like
 from omnimol_jax.train.hooks import (
     CheckpointHook,
@@ -45,9 +45,10 @@ from omnimol_jax.train.hooks import (
     SignalHook,
     UntilStepHook,
 )
-from omnimol_jax.train.metrics_log import MetricLogger, per_task_scalars, plot_run
+from omnimol_jax.train.metrics_log import MetricLogger, plot_run
 from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
+from omnimol_jax.train.validation import Validation
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class Trainer:
                                     aux_loss_coef=config.model.moge.aux_loss_coef,
                                     task_balanced=config.train.task_balanced_loss, schedule=self.schedule)
         self._train_step_fn = steps.train_step
-        self._eval_step = jax.jit(steps.eval_step)  # once: every evaluation reuses its compilations
+        self.validation = Validation(config, self.pipeline.tokenizer, self.task_names, steps.eval_step, self.mesh,
+                                     say=self.say)
         self.checkpoints = RunCheckpoints(self.output_dir / "checkpoints", config.train.keep_checkpoints,
                                           config.train.async_checkpointing)
 
@@ -294,41 +296,7 @@ class Trainer:
 
     def evaluate(self, trainable) -> dict[str, float]:
         """Validation cross entropy (overall and per task) on up to train.eval_batches test batches."""
-        cfg = self.config
-        # A fixed-seed shuffle: every evaluation sees the same batches, drawn from all tasks (the test stream
-        # itself is ordered task by task).
-        eval_data = dataclasses.replace(cfg.data, split="test", shuffle=True, seed=cfg.data.seed + 1, num_epochs=1,
-                                        prefetch_batches=0)
-        try:
-            pipeline = Pipeline(eval_data, tokenizer=self.pipeline.tokenizer,
-                                feature_mode=self.config.graph.feature_mode)
-        except (ValueError, FileNotFoundError, KeyError) as err:
-            self.say(f"validation skipped: {err}")
-            return {}
-        iterator = pipeline.iterator()
-        sums, counts = np.zeros(self.num_tasks), np.zeros(self.num_tasks)
-        total, tokens = 0.0, 0.0
-        index = {name: i for i, name in enumerate(self.task_names)}
-        remap = np.array([index.get(name, -1) for name in pipeline.task_keys] + [-1], np.int32)
-        for _ in range(cfg.train.eval_batches):
-            try:
-                host = next(iterator)
-            except StopIteration:
-                break
-            # the eval pipeline numbers its tasks itself; map them onto the training task ids
-            host = dict(host, token_task_ids=remap[host["token_task_ids"]])
-            batch = place_batch(model_batch(host), batch_sharding(self.mesh), process_index=self.process_index,
-                                process_count=self.process_count)
-            out = jax.device_get(self._eval_step(trainable, self.frozen, batch))
-            sums += out["task_ce_sum"]
-            counts += out["task_tokens"]
-            total += float(out["ce_sum"])
-            tokens += float(out["tokens"])
-        if hasattr(iterator, "close"):
-            iterator.close()
-        scalars = {"loss": total / max(tokens, 1.0), "supervised_tokens": tokens}
-        scalars.update(per_task_scalars("task_loss", self.task_names, sums, counts))
-        return scalars
+        return self.validation(trainable, self.frozen)
 
     # ------------------------------------------------------------------------------------------------ export
 

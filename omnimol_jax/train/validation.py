@@ -1,0 +1,62 @@
+"""Validation loss during training: cross entropy overall and per task on a fixed sample of the test split."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from omnimol_jax.config import Config
+from omnimol_jax.data.loader import model_batch, place_batch
+from omnimol_jax.data.pipeline import Pipeline
+from omnimol_jax.data.tokenizer import ChatTokenizer
+from omnimol_jax.sharding import batch_sharding
+from omnimol_jax.train.metrics_log import per_task_scalars
+
+
+class Validation:
+    """Calls the (jitted once) eval step over up to `train.eval_batches` test batches. Every call sees the same
+    batches: a fixed-seed shuffle over all tasks (the test stream itself is ordered task by task)."""
+
+    def __init__(self, config: Config, tokenizer: ChatTokenizer, task_names: list[str], eval_step: Callable,
+                 mesh: Any, say: Callable[[str], None] = print):
+        self.config, self.tokenizer, self.task_names, self.mesh, self.say = config, tokenizer, task_names, mesh, say
+        self.eval_step = jax.jit(eval_step)  # once: every evaluation reuses its compilations
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+
+    def __call__(self, trainable: Any, frozen: Any) -> dict[str, float]:
+        cfg = self.config
+        eval_data = dataclasses.replace(cfg.data, split="test", shuffle=True, seed=cfg.data.seed + 1, num_epochs=1,
+                                        prefetch_batches=0)
+        try:
+            pipeline = Pipeline(eval_data, tokenizer=self.tokenizer, feature_mode=cfg.graph.feature_mode)
+        except (ValueError, FileNotFoundError, KeyError) as err:
+            self.say(f"validation skipped: {err}")
+            return {}
+        iterator = pipeline.iterator()
+        num_tasks = len(self.task_names)
+        sums, counts = np.zeros(num_tasks), np.zeros(num_tasks)
+        total, tokens = 0.0, 0.0
+        index = {name: i for i, name in enumerate(self.task_names)}
+        remap = np.array([index.get(name, -1) for name in pipeline.task_keys] + [-1], np.int32)
+        try:
+            for _ in range(cfg.train.eval_batches):
+                try:
+                    host = next(iterator)
+                except StopIteration:
+                    break
+                # the eval pipeline numbers its tasks itself; map them onto the training task ids
+                host = dict(host, token_task_ids=remap[host["token_task_ids"]])
+                batch = place_batch(model_batch(host), batch_sharding(self.mesh), process_index=self.process_index,
+                                    process_count=self.process_count)
+                out = jax.device_get(self.eval_step(trainable, frozen, batch))
+                sums += out["task_ce_sum"]
+                counts += out["task_tokens"]
+                total += float(out["ce_sum"])
+                tokens += float(out["tokens"])
+        finally:
+            iterator.close()
+        scalars = {"loss": total / max(tokens, 1.0), "supervised_tokens": tokens}
+        scalars.update(per_task_scalars("task_loss", self.task_names, sums, counts))
+        return scalars
