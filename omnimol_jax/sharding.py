@@ -13,7 +13,6 @@ import math
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -184,9 +183,3 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Sharding of a [batch, ...] input array: batch over the data-parallel axes, the rest replicated."""
     return named_sharding(mesh, ("activation_batch",) + (None,) * (ndim - 1))
-
-
-def tree_batch_shardings(tree: Any, mesh: Mesh) -> Any:
-    """Per-leaf batch shardings for a pytree of [batch, ...] arrays (indivisible batches replicate)."""
-    return jax.tree.map(lambda x: named_sharding(mesh, ("activation_batch",) + (None,) * (np.ndim(x) - 1),
-                                                 np.shape(x)), tree)

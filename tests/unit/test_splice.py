@@ -239,7 +239,8 @@ def test_wrapper_passes_gradients_to_the_tower(tiny_model):
 
 
 def test_wrapper_with_sharded_parameters_matches_unsharded(tiny_model):
-    from omnimol_jax.sharding import shard_module, tree_batch_shardings, use_mesh
+    from omnimol_jax.data.loader import place_batch
+    from omnimol_jax.sharding import batch_sharding, shard_module, use_mesh
 
     ids, batch = build_batch()
     ids = np.where(ids == IMG, IMG, ids % TINY.vocab_size).astype(np.int32)
@@ -250,6 +251,7 @@ def test_wrapper_with_sharded_parameters_matches_unsharded(tiny_model):
     kernel = sharded.projector.linear_in.kernel[...]
     assert kernel.sharding.spec == PartitionSpec(None, "fsdp")  # ("projector_in", "embed") -> (None, fsdp)
     with use_mesh(mesh):
-        inputs = jax.device_put((jnp.asarray(ids), device_batch), tree_batch_shardings((ids, device_batch), mesh))
-        logits = forward(sharded, *inputs).logits
+        inputs = place_batch({"input_ids": ids, "graphs": batch}, batch_sharding(mesh))
+        assert inputs["input_ids"].sharding.spec == PartitionSpec()  # 3 rows do not split 4 ways: replicated
+        logits = forward(sharded, inputs["input_ids"], inputs["graphs"]).logits
     np.testing.assert_allclose(np.asarray(logits), expected, rtol=1e-5, atol=1e-5)
