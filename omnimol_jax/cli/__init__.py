@@ -35,10 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
-        dotted = [flag for flag in extra if flag.startswith("--") and "." in flag.split("=")[0]]
-        hint = (f" (config overrides are key=value: write {dotted[0][2:].replace(' ', '=')}=VALUE, "
-                f"not {dotted[0]})" if dotted and "=" not in dotted[0] else
-                f" (config overrides are key=value: write {dotted[0][2:]})" if dotted else "")
+        # A flag that looks like a config key (`--init.hf X`) gets the one override syntax spelled out.
+        dotted = next((flag for flag in extra if flag.startswith("--") and "." in flag.split("=")[0]), None)
+        hint = f" (config overrides are key=value, e.g. {dotted[2:].split('=')[0]}=VALUE)" if dotted else ""
         parser.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
     if not getattr(args, "func", None):
         parser.print_help()

@@ -1,6 +1,6 @@
 """Batching molecule graphs into one padded `jraph.GraphsTuple` with static budgets.
 
-The batch type itself (`GraphBatch`, the model's input) lives in `omnimol_jax.model.graph_batch`; this module
+The batch type itself (`GraphBatch`, the model's input) lives in `omnimol_jax.graph_batch`; this module
 builds it on the host. jraph stays behind these two modules (`GraphsTuple`, `batch_np`, `pad_with_graphs`
 and the padding masks), so the dependency can be replaced without touching other code.
 
@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Literal, Optional, Sequence
 import jraph
 import numpy as np
 
-# The model's input type; building it is this module's job (the one import of the model from the data layer).
-from omnimol_jax.model.graph_batch import GraphBatch, GraphsTuple
+from omnimol_jax.graph_batch import GraphBatch, GraphsTuple
 
 if TYPE_CHECKING:  # featurize imports RDKit; model code imports this module without it
     from omnimol_jax.data.featurize import MolGraph

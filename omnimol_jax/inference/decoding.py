@@ -40,8 +40,8 @@ import numpy as np
 from flax import nnx
 
 from omnimol_jax.data.graphs import batch_graphs, next_power_of_two, prompt_graph_budget
+from omnimol_jax.graph_batch import GraphBatch
 from omnimol_jax.inference.selfies_constraint import START_STATE, ConstraintTables, SelfiesConstraint
-from omnimol_jax.model.graph_batch import GraphBatch
 from omnimol_jax.model.kv_cache import KVCache, gather_cache, init_kv_cache, tile_cache
 from omnimol_jax.model.llama import LlamaForCausalLM
 from omnimol_jax.model.omnimol import OmniMolModel

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnimol_jax.config import GraphConfig
-from omnimol_jax.model.graph_batch import GraphsTuple
+from omnimol_jax.graph_batch import GraphsTuple
 
 
 class Dense(nnx.Module):

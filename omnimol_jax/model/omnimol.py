@@ -21,8 +21,8 @@ from flax import nnx
 
 from omnimol_jax.config import GraphConfig, ModelConfig
 from omnimol_jax.constants import IMAGE_TOKEN_ID
+from omnimol_jax.graph_batch import GraphBatch, node_mask
 from omnimol_jax.model.gin import GIN
-from omnimol_jax.model.graph_batch import GraphBatch, node_mask
 from omnimol_jax.model.kv_cache import KVCache
 from omnimol_jax.model.llama import CausalLMOutput, LlamaForCausalLM
 from omnimol_jax.model.projector import Projector

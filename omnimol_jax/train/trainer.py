@@ -28,8 +28,8 @@ from omnimol_jax.config import Config, save_config
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
 from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
+from omnimol_jax.graph_batch import node_mask
 from omnimol_jax.model.gin import mean_pairwise_cosine
-from omnimol_jax.model.graph_batch import node_mask
 from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
 from omnimol_jax.train.checkpoints import RunCheckpoints, abstract_like
 from omnimol_jax.train.hooks import (

@@ -52,3 +52,10 @@ def test_init_export_check_round_trip(tmp_path, capsys):
     assert main(["check-hf", "--checkpoint", str(tmp_path / "ckpt"), "--hf", str(tmp_path / "hf_other"),
                  "--seq-lens", "5"]) == 1
     assert json.loads(capsys.readouterr().out)["ok"] is False
+
+
+def test_a_flag_spelled_config_key_is_told_the_key_value_syntax(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", "configs/demo.yaml", "--init.hf", "/models/llama"])
+    assert info.value.code == 2
+    assert "config overrides are key=value, e.g. init.hf=VALUE" in capsys.readouterr().err

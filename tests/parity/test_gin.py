@@ -10,11 +10,11 @@ from flax import nnx
 from gin_reference_torch import GNNGraphPred, randomize_
 from rdkit import RDConfig
 
+from omnimol_jax import graph_batch
 from omnimol_jax.config import GraphConfig
 from omnimol_jax.convert.moleculestm import load_moleculestm
 from omnimol_jax.data import graphs as G
 from omnimol_jax.data.featurize import merge_graphs, smiles_to_graph
-from omnimol_jax.model import graph_batch
 from omnimol_jax.model.gin import GIN, mean_pairwise_cosine
 
 NCI_SMILES = os.path.join(RDConfig.RDDataDir, "NCI", "first_5K.smi")

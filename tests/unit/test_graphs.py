@@ -4,9 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from omnimol_jax import graph_batch
 from omnimol_jax.data import graphs as G
 from omnimol_jax.data.featurize import smiles_to_graph
-from omnimol_jax.model import graph_batch
 
 MOLS = ["CCO", "c1ccccc1", "CC(=O)[O-].[Na+]", "O"]  # 3, 6, 5, 1 atoms; 4, 12, 6, 0 directed bonds
 

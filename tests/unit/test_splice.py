@@ -6,11 +6,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from omnimol_jax import graph_batch
 from omnimol_jax.config import GraphConfig, MeshConfig, ModelConfig
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from omnimol_jax.data import graph_slots as GS, graphs as G
 from omnimol_jax.data.featurize import smiles_to_graph
-from omnimol_jax.model import graph_batch, splice as S
+from omnimol_jax.model import splice as S
 from omnimol_jax.model.gin import GIN
 from omnimol_jax.model.projector import Projector
 from omnimol_jax.sharding import build_mesh

@@ -1,6 +1,6 @@
-"""The device-side graph batch the model consumes: one padded `jraph.GraphsTuple` plus each node's and each
-graph's token-batch row. The data layer builds it on the host (`omnimol_jax.data.graphs`); jraph stays behind
-this module and that one.
+"""The graph batch the model consumes: one padded `jraph.GraphsTuple` plus each node's and each graph's
+token-batch row. It sits below both layers that use it: `omnimol_jax.data.graphs` builds it on the host and the
+model reads it, so neither imports the other. jraph stays behind this module and that one.
 """
 from __future__ import annotations
 
