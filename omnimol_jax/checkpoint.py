@@ -16,7 +16,7 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from omnimol_jax.config import ConfigError, GraphConfig, ModelConfig, build_dataclass
+from omnimol_jax.errors import InputError
 
 FORMAT_VERSION = 1
 META_FILE = "omnimol_checkpoint.json"
@@ -46,7 +47,7 @@ def path_text(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint directory is missing, incomplete or does not match the model; names the path."""
 
 
@@ -150,7 +151,9 @@ def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
             tmp.mkdir(parents=True)
     else:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+        # mkdir (not mkdtemp, which makes 0700) so the checkpoint gets the user's umask like every other output
+        tmp = target.parent / f".{target.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
     _sync_processes(f"omnimol:atomic_directory:start:{target}")
     try:
         yield tmp
@@ -271,7 +274,9 @@ def load_omnimol(directory: str | os.PathLike, mesh: Optional[jax.sharding.Mesh]
     model_config, meta = read_metadata(directory)
     graph_config = read_graph_config(meta)
     if graph_config is None:
-        raise CheckpointError(f"{directory}: a language-model-only checkpoint (no graph tower); use load_llama")
+        raise CheckpointError(f"{directory} holds a language model only (as `omnimol init` and `omnimol import-hf` "
+                              "write), without the graph tower and projector that generate and eval need: use a "
+                              "trained model (<train.output_dir>/final), or `omnimol init --full` for a random one")
     return _load_module(directory, omnimol_constructor(model_config, graph_config), mesh), meta
 
 

@@ -21,6 +21,7 @@ import yaml
 
 from omnimol_jax import tasks
 from omnimol_jax.constants import FEATURE_MODES, LAYOUTS, OGB_ATOM_FEATURE_DIMS, OGB_BOND_FEATURE_DIMS, SPLITS
+from omnimol_jax.errors import InputError
 
 # Package data: the default run config (base.yaml) and the model presets (models/<preset>.yaml).
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -28,7 +29,7 @@ BASE_CONFIG = CONFIG_DIR / "base.yaml"
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A configuration key or value is invalid. The message names the dotted key."""
 
 
@@ -240,7 +241,8 @@ class DataConfig:
     pack_window_batches: int = 8  # packing bins = batch_size * this
     bucket_boundaries: tuple[int, ...] = ()  # bucket row lengths; () = seq_len/8, /4, /2, 1 (multiples of 8)
     bucket_window_batches: int = 16  # samples sorted into buckets per window = batch_size * this
-    strict: bool = False  # raise on the first bad record instead of skipping it
+    strict: bool = False  # check every record before training and stop on the first bad one, instead of skipping
+    allow_empty_tasks: bool = False  # train on when every checked record of a task is unusable (else: stop)
     seed: int = 0
     shuffle: bool = True
     num_epochs: Optional[int] = None  # None: repeat forever
@@ -401,6 +403,9 @@ class TrainConfig:
     profile_steps: str = ""              # "10:15": jax.profiler trace of steps 10..14
     peak_flops_per_device: float = 0.0   # for MFU; 0 = known accelerator table, or measured on CPU
     export_final: bool = True            # write a model checkpoint at <output_dir>/final
+    # Keys (or sections, e.g. "data") allowed to differ from the config the run's checkpoints were written with
+    # (train/config_contract.py: bookkeeping keys may always change; these would otherwise stop the resume).
+    allow_config_change: list[str] = dataclasses.field(default_factory=list)
 
     def validate(self) -> None:
         _require(self.stage in (1, 2), "train.stage", f"must be 1 or 2, got {self.stage}")
@@ -413,8 +418,10 @@ class TrainConfig:
         _require(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-        for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite"):
+        for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite", "eval_batches"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _require(self.eval_every >= 0, "train.eval_every",
+                 f"must be >= 0 (0: validate at the end only), got {self.eval_every}")
         self.profile_range()
 
     def profile_range(self) -> Optional[tuple[int, int]]:

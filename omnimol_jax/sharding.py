@@ -16,7 +16,7 @@ import jax
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from omnimol_jax.config import MeshConfig
+from omnimol_jax.config import ConfigError, MeshConfig
 
 logger = logging.getLogger(__name__)
 
@@ -70,13 +70,17 @@ def build_mesh(config: MeshConfig, devices: Optional[Sequence[jax.Device]] = Non
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: {len(devices)} devices are not divisible by "
-                             f"the fixed axes' product {known}")
+            raise ConfigError(f"mesh {_sizes_text(sizes)}: {len(devices)} device(s) are not divisible by the fixed "
+                              f"axes' product {known}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
-                         f"but {len(devices)} are available")
+        raise ConfigError(f"mesh {_sizes_text(sizes)} needs {math.prod(sizes)} devices, but "
+                          f"{len(devices)} {'is' if len(devices) == 1 else 'are'} available")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _sizes_text(sizes: Sequence[int]) -> str:
+    return ",".join(f"{axis}={size}" for axis, size in zip(MESH_AXES, sizes))
 
 
 def logical_to_spec(logical_axes: Sequence[Optional[str]], shape: Optional[Sequence[int]] = None,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -32,15 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run(fn, **kwargs) -> int:
-    from omnimol_jax.checkpoint import CheckpointError
-    from omnimol_jax.convert.hf_llama import HFConversionError
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        path = fn(**kwargs)
-    except (HFConversionError, CheckpointError, FileExistsError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    path = fn(**kwargs)
     print(f"wrote {path}")
     return 0
 

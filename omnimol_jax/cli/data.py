@@ -54,11 +54,7 @@ def run_build_data(args: argparse.Namespace) -> int:
     config = CorpusConfig(seed=args.seed, size=args.size, test_fraction=args.test_fraction, tasks=tasks,
                           workers=max(1, args.workers), tokenizer=not args.no_tokenizer,
                           tokenizer_vocab_size=args.vocab_size, source_dir=args.source_dir)
-    try:
-        config.validate()
-    except ValueError as err:
-        print(f"build-data: {err}", file=sys.stderr)
-        return 2
+    config.validate()
     bar = tqdm(total=len(tasks), desc="build-data", unit="task", file=sys.stderr)
 
     def progress(stage: str, count: int) -> None:
@@ -70,11 +66,8 @@ def run_build_data(args: argparse.Namespace) -> int:
 
     try:
         manifest = build_corpus(args.out, config, progress)
-    except (FileNotFoundError, ValueError) as err:
+    finally:
         bar.close()
-        print(f"build-data: {err}", file=sys.stderr)
-        return 1
-    bar.close()
     summary = {task: {"train": info["train"], "test": info["test"]} for task, info in manifest["tasks"].items()}
     print(json.dumps({"out": str(args.out), "tasks": summary, "left_out": sorted(manifest["left_out"])}, indent=2))
     return 0

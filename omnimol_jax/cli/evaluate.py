@@ -9,6 +9,8 @@ import logging
 import sys
 from typing import Any, Optional
 
+from omnimol_jax.errors import InputError
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", required=True, help="omnimol model checkpoint directory (omnimol init / train)")
@@ -104,7 +106,7 @@ def generation_config(args: argparse.Namespace):
 
 
 
-class UsageError(ValueError):
+class UsageError(InputError):
     """Flags that contradict each other or are out of range."""
 
 
@@ -116,49 +118,44 @@ def _mesh(text: Optional[str]):
 
 def run_generate(args: argparse.Namespace) -> int:
     from omnimol_jax import tasks
-    from omnimol_jax.config import ConfigError
     from omnimol_jax.data.prompts import prompt_ids
-    from omnimol_jax.inference.session import SessionError, load_session, number_median_decoder, record_seed
+    from omnimol_jax.inference.session import load_session, number_median_decoder, record_seed
 
-    try:
-        config = generation_config(args)
-        spec = tasks.get_task(args.task)
-        record: dict[str, Any] = {"input": args.input}
-        if not spec.question_pool:
-            instruction = args.instruction or tasks.default_instruction(spec.key)
-            if instruction is None:
-                raise UsageError(f"task {spec.key!r} has no standard instruction; pass --instruction")
-            record["instruction"] = instruction
-        if "extracted_molecules" in spec.extra_fields:
-            if not args.extracted_molecules:
-                raise UsageError(f"task {spec.key!r} needs --extracted-molecules '{{\"SMILES\": \"$1$\"}}'")
-            try:
-                record["extracted_molecules"] = json.loads(args.extracted_molecules)
-            except json.JSONDecodeError as err:
-                raise UsageError(f"--extracted-molecules is not JSON: {err}") from None
-        constrained = args.constrained and spec.output_type == tasks.OUTPUT_SELFIES
-        if args.constrained and not constrained:
-            print(f"note: --constrained applies to molecule-output tasks only; {spec.key} answers "
-                  f"{spec.output_type}", file=sys.stderr)
-        session = load_session(args.checkpoint, args.tokenizer, double_bos=False if args.single_bos else None,
-                               mesh_config=_mesh(args.mesh), constrained=constrained)
+    config = generation_config(args)
+    spec = tasks.get_task(args.task)
+    record: dict[str, Any] = {"input": args.input}
+    if not spec.question_pool:
+        instruction = args.instruction or tasks.default_instruction(spec.key)
+        if instruction is None:
+            raise UsageError(f"task {spec.key!r} has no standard instruction; pass --instruction")
+        record["instruction"] = instruction
+    if "extracted_molecules" in spec.extra_fields:
+        if not args.extracted_molecules:
+            raise UsageError(f"task {spec.key!r} needs --extracted-molecules '{{\"SMILES\": \"$1$\"}}'")
         try:
-            ids, graph = prompt_ids(spec, record, session.tokenizer, session.feature_mode)
-        except ValueError as err:
-            raise UsageError(f"input {args.input!r} for task {spec.key}: {err}") from None
-        if args.number_median and spec.answers_number:
-            answer = number_median_decoder(session, args.number_median).generate(
-                [ids], [graph], max_new_tokens=config.max_new_tokens)[0]
-            print(session.decode(answer.ids))
-            return 0
-        if args.number_median:
-            print(f"note: --number-median applies to number-output tasks only; {spec.key} answers "
-                  f"{spec.output_type}", file=sys.stderr)
-        out = session.generator.generate([ids], config, [graph], row_seeds=[record_seed(config.seed, "generate")],
-                                         constrained=constrained)
-    except (UsageError, SessionError, ConfigError, KeyError) as err:
-        print(f"generate: {err}", file=sys.stderr)
-        return 1
+            record["extracted_molecules"] = json.loads(args.extracted_molecules)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"--extracted-molecules is not JSON: {err}") from None
+    constrained = args.constrained and spec.output_type == tasks.OUTPUT_SELFIES
+    if args.constrained and not constrained:
+        print(f"note: --constrained applies to molecule-output tasks only; {spec.key} answers "
+              f"{spec.output_type}", file=sys.stderr)
+    session = load_session(args.checkpoint, args.tokenizer, double_bos=False if args.single_bos else None,
+                           mesh_config=_mesh(args.mesh), constrained=constrained)
+    try:
+        ids, graph = prompt_ids(spec, record, session.tokenizer, session.feature_mode)
+    except ValueError as err:
+        raise UsageError(f"input {args.input!r} for task {spec.key}: {err}") from None
+    if args.number_median and spec.answers_number:
+        answer = number_median_decoder(session, args.number_median).generate(
+            [ids], [graph], max_new_tokens=config.max_new_tokens)[0]
+        print(session.decode(answer.ids))
+        return 0
+    if args.number_median:
+        print(f"note: --number-median applies to number-output tasks only; {spec.key} answers "
+              f"{spec.output_type}", file=sys.stderr)
+    out = session.generator.generate([ids], config, [graph], row_seeds=[record_seed(config.seed, "generate")],
+                                     constrained=constrained)
     answers = [session.decode(out.answer_ids(0, k)) for k in range(out.tokens.shape[1])]
     if config.num_beams == 1:
         print(answers[0])
@@ -169,24 +166,18 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from omnimol_jax.config import ConfigError
-    from omnimol_jax.eval.runner import SKIPPED_FILE, EvalError, EvalOptions, run_evaluation
-    from omnimol_jax.inference.session import SessionError
+    from omnimol_jax.eval.runner import SKIPPED_FILE, EvalOptions, run_evaluation
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = generation_config(args)
-        options = EvalOptions(
-            checkpoint=args.checkpoint, data=args.data, tokenizer=args.tokenizer,
-            double_bos=False if args.single_bos else None, mesh=_mesh(args.mesh), layout=args.layout,
-            tasks=args.tasks, protocol=args.protocol, out=args.out, batch_size=args.batch_size, limit=args.limit,
-            restart=args.restart, progress=not args.no_progress, mbr_samples=args.mbr_samples,
-            number_median=args.number_median, constrained=args.constrained, temperature=args.temperature,
-            greedy=args.greedy)
-        result = run_evaluation(options, config)
-    except (UsageError, EvalError, SessionError, ConfigError, FileNotFoundError, KeyError, ValueError) as err:
-        print(f"eval: {err}", file=sys.stderr)
-        return 1
+    config = generation_config(args)
+    options = EvalOptions(
+        checkpoint=args.checkpoint, data=args.data, tokenizer=args.tokenizer,
+        double_bos=False if args.single_bos else None, mesh=_mesh(args.mesh), layout=args.layout,
+        tasks=args.tasks, protocol=args.protocol, out=args.out, batch_size=args.batch_size, limit=args.limit,
+        restart=args.restart, progress=not args.no_progress, mbr_samples=args.mbr_samples,
+        number_median=args.number_median, constrained=args.constrained, temperature=args.temperature,
+        greedy=args.greedy)
+    result = run_evaluation(options, config)
     print(result.report["markdown"].read_text(), end="")
     print(f"report: {result.report['markdown']}, {result.report['png']}, {result.out_dir / 'metrics'}/; "
           f"predictions: {result.predictions}"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 
 import yaml
 
@@ -18,14 +17,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    """The resolved config, or None after printing what is wrong with it."""
-    from omnimol_jax.config import BASE_CONFIG, ConfigError, load_config
+    from omnimol_jax.config import BASE_CONFIG, load_config
 
-    try:
-        return load_config(args.config or BASE_CONFIG, args.overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return None
+    return load_config(args.config or BASE_CONFIG, args.overrides)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,10 +30,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_info)
 
     p = subparsers.add_parser("init", help="write a randomly initialised model checkpoint",
-                              description="Initialises the configured Llama directly sharded over the mesh and "
-                                          "saves it as an omnimol checkpoint (useful for tests and benchmarks).")
+                              description="Initialises the configured Llama (with --full: the whole Omni-Mol model, "
+                                          "graph tower and projector included) directly sharded over the mesh and "
+                                          "saves it as an omnimol checkpoint (useful for tests and benchmarks; "
+                                          "generate and eval need --full).")
     _add_config_args(p)
     p.add_argument("--out", required=True, help="checkpoint directory to create")
+    p.add_argument("--full", action="store_true",
+                   help="the full Omni-Mol model (language model, graph tower, projector), not the language model")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_init)
 
@@ -54,13 +52,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _info(args) -> int:
-    from omnimol_jax.model.llama import count_parameters
+    from omnimol_jax.model.omnimol import variable_counts
 
     config = _load(args)
-    if config is None:
-        return 1
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
-    print(f"# parameters: {count_parameters(config.model):,}")
+    counts = variable_counts(config.model, config.graph)
+    parts = ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in counts.items())
+    print(f"# parameters: {sum(counts.values()):,} ({parts}; with adapters, routers and batch-norm statistics, "
+          "as train counts them)")
     if args.shardings:
         import jax
         from flax import nnx
@@ -80,21 +79,26 @@ def _info(args) -> int:
 def _init(args) -> int:
     from flax import nnx
 
-    from omnimol_jax.checkpoint import module_params, save_model_checkpoint
+    from omnimol_jax.checkpoint import (
+        module_params,
+        omnimol_constructor,
+        save_model_checkpoint,
+        save_omnimol_checkpoint,
+    )
     from omnimol_jax.model.llama import LlamaForCausalLM
     from omnimol_jax.sharding import build_mesh, create_sharded_model
 
     config = _load(args)
-    if config is None:
-        return 1
     mesh = build_mesh(config.mesh)
-    model = create_sharded_model(lambda: LlamaForCausalLM(config.model, rngs=nnx.Rngs(config.seed)), mesh)
-    try:
+    source = {"source": {"kind": "random_init", "seed": config.seed}}
+    if args.full:
+        model = create_sharded_model(omnimol_constructor(config.model, config.graph, seed=config.seed), mesh)
+        save_omnimol_checkpoint(args.out, config.model, config.graph, model, overwrite=args.overwrite,
+                                extra_metadata=source)
+    else:
+        model = create_sharded_model(lambda: LlamaForCausalLM(config.model, rngs=nnx.Rngs(config.seed)), mesh)
         save_model_checkpoint(args.out, config.model, module_params(model), overwrite=args.overwrite,
-                              extra_metadata={"source": {"kind": "random_init", "seed": config.seed}})
-    except FileExistsError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+                              extra_metadata=source)
     print(f"wrote {args.out}")
     return 0
 

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train", help="train stage 1 (projector) or stage 2 (MoGE SFT)",
         description="Trains under jax.jit shardings over the configured mesh, with Orbax checkpoints (resume "
-                    "by running the same command again), TensorBoard scalars, a JSONL log and end-of-run plots. "
+                    "by running the same command again; the config is checked against the checkpoints' own, and a "
+                    "finished run reports that it is complete), TensorBoard scalars, a JSONL log and end-of-run "
+                    "plots. "
                     "Any config key can be overridden as key=value, e.g. train.max_steps=100 "
                     "init.hf=/models/Llama-3.2-1B-Instruct train.profile_steps=10:15.")
     p.add_argument("--config", required=True, help="run config YAML, e.g. configs/demo.yaml")
@@ -23,9 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _train(args) -> int:
-    from omnimol_jax.config import ConfigError, load_config
-    from omnimol_jax.data.rejections import NoUsableSamplesError
-    from omnimol_jax.train.trainer import Trainer, TrainingError
+    from omnimol_jax.config import load_config
+    from omnimol_jax.train.trainer import Trainer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.distributed:
@@ -40,18 +40,18 @@ def _train(args) -> int:
             if key in explicit:
                 explicit[key] = int(explicit[key])
         jax.distributed.initialize(**explicit)  # without arguments: cluster auto-detection
-    try:
-        config = load_config(args.config, args.overrides)
-        trainer = Trainer(config, progress=not args.no_progress)
-        result = trainer.run()
-    except (ConfigError, TrainingError, FileNotFoundError, NoUsableSamplesError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    config = load_config(args.config, args.overrides)
+    result = Trainer(config, progress=not args.no_progress).run()
     out = result.output_dir
+    if result.stopped_by == "already_complete":
+        print(f"already complete at step {result.final_step}; model: {out / 'final'}")
+        return 0
     print(f"stopped at step {result.final_step} ({result.stopped_by}); run directory: {out}")
     print(f"  checkpoints: {out / 'checkpoints'}   logs: {out / 'metrics.jsonl'}, {out / 'tensorboard'}")
     print(f"  plots: {out / 'loss_per_task.png'}" + (f", {out / 'expert_usage.png'}"
                                                       if (out / 'expert_usage.png').exists() else ""))
     if (out / "final").exists():
         print(f"  model: {out / 'final'}")
+    if result.stopped_by == "signal":  # after its checkpoint; the shell convention for death by that signal
+        return 128 + (result.signal or 15)
     return 0 if result.stopped_by != "nonfinite" else 3

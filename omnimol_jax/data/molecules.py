@@ -26,11 +26,14 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional
 
+import selfies
+
 from omnimol_jax.data.featurize import (
     FeatureMode,
     FeaturizationError,
     MolGraph,
     merge_graphs,
+    parse_smiles,
     selfies_to_smiles,
     smiles_to_graph,
 )
@@ -40,6 +43,8 @@ GRAPH_RULES: tuple[str, ...] = ("input", "first_component", "reactant_side", "pr
 REACTION_ARROW = ">>"
 COMPONENT_SEPARATOR = "."
 _PLACEHOLDER = re.compile(r"\$\d+\$")
+# SELFIES molecule text: bracket tokens, '.' between components and '>>' in reactions, nothing else.
+_SELFIES_TEXT = re.compile(r"(?:\[[^\[\]]+\]|\.|>>)+")
 
 
 def check_rule(rule: str) -> None:
@@ -72,6 +77,26 @@ def extracted_smiles(text: str, record: Optional[Mapping[str, Any]]) -> list[str
     if not found:
         raise FeaturizationError("no '$n$' placeholder of the input names an extracted molecule", text)
     return found
+
+
+def input_as_selfies(rule: str, text: str) -> str:
+    """A molecule input as the SELFIES the model was trained on: SELFIES text is returned unchanged, SMILES (a
+    molecule, components joined by '.', or a reaction 'A.B>>C') is converted side by side. Inputs of text-only and
+    `extracted` tasks are returned unchanged. Raises FeaturizationError when the text is neither."""
+    check_rule(rule)
+    if rule in ("none", "extracted") or not isinstance(text, str) or _SELFIES_TEXT.fullmatch(text.strip()):
+        return text
+    sides = []
+    for side in text.strip().split(REACTION_ARROW):
+        try:
+            parse_smiles(side)
+            sides.append(selfies.encoder(side, strict=False) or "")
+        except (FeaturizationError, selfies.EncoderError):
+            sides.append("")
+        if not sides[-1]:
+            raise FeaturizationError("the input is neither SELFIES ('[C][O]...') nor a SMILES RDKit can read",
+                                     text)
+    return REACTION_ARROW.join(sides)
 
 
 def graph_smiles_for(rule: str, text: str, record: Optional[Mapping[str, Any]] = None) -> Optional[list[str]]:

@@ -12,10 +12,12 @@ Stages (MapDataset until the per-sample transform, IterDataset after it), each i
 """
 from __future__ import annotations
 
+import collections
 import json
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import grain
+from tqdm.auto import tqdm
 
 from omnimol_jax import tasks
 from omnimol_jax.config import DataConfig, parse_mixture
@@ -29,6 +31,14 @@ from omnimol_jax.data.packing import BatchAssembler, SingleSampleRow, packed_row
 from omnimol_jax.data.rejections import AcceptedIterDataset
 from omnimol_jax.data.samples import SampleBuilder
 from omnimol_jax.data.tokenizer import ChatTokenizer, load_chat_tokenizer
+from omnimol_jax.errors import InputError
+
+# Records checked per task, in file order, for a usable one before training (all of them with data.strict).
+USABLE_RECORD_SEARCH = 1000
+
+
+class EmptyTaskError(InputError):
+    """Every checked record of a task is unusable: training would silently leave the task out."""
 
 
 class Pipeline:
@@ -54,7 +64,8 @@ class Pipeline:
         self.task_keys = [name for name, _ in entries]
         self.values = [float(value) for _, value in entries]
         if sources is None:
-            sources = readers.open_tasks(config.data_dir, self.task_keys, config.split, config.layout)
+            sources = readers.open_tasks(config.data_dir, self.task_keys, config.split, config.layout,
+                                         strict=config.strict)
         missing = [k for k in self.task_keys if k not in sources]
         if missing:
             raise KeyError(f"no source for tasks {missing}")
@@ -110,21 +121,64 @@ class Pipeline:
     def iterator(self, batch_sharding: Any = None) -> DataIterator:
         return DataIterator(self, batch_sharding)
 
+    def check_records(self, say: Callable[[str], None] = print, progress: bool = False) -> None:
+        """Before anything is compiled: with data.strict, every record of every task must become a sample (the
+        first that does not raises its RecordError); otherwise each task needs a usable record among its first
+        USABLE_RECORD_SEARCH, or EmptyTaskError names the task and why (unless data.allow_empty_tasks)."""
+        strict = self.config.strict
+        total = sum(len(s) for s in self.sources) if strict else 0
+        bar = tqdm(total=total, desc="checking records", unit="record", disable=not (strict and progress))
+        try:
+            for task_index, (key, source) in enumerate(zip(self.task_keys, self.sources)):
+                reasons: collections.Counter[str] = collections.Counter()
+                example = ""
+                limit = len(source) if strict else min(len(source), USABLE_RECORD_SEARCH)
+                for record_index in range(limit):
+                    try:
+                        self.builder.build(task_index, record_index)
+                    except readers.RecordError as err:
+                        if strict:
+                            raise
+                        reasons[err.reason] += 1
+                        example = example or str(err)
+                        continue
+                    finally:
+                        bar.update(1 if strict else 0)
+                    if not strict:
+                        break
+                else:
+                    if strict or limit == 0:
+                        continue
+                    what = "every record" if limit == len(source) else f"the first {limit} records"
+                    message = (f"task {key!r}: {what} of {source.path} ({self.config.split} split) are unusable "
+                               f"({', '.join(f'{r}: {n}' for r, n in reasons.most_common())}), e.g. {example}")
+                    if not self.config.allow_empty_tasks:
+                        raise EmptyTaskError(f"{message}; fix the data or the limits (data.seq_len, "
+                                             "data.nodes_per_row), drop the task from data.tasks, or set "
+                                             "data.allow_empty_tasks=true")
+                    say(f"warning: {message}; training on (data.allow_empty_tasks)")
+        finally:
+            bar.close()
+        if strict:
+            say(f"data.strict: all {total} records of {len(self.task_keys)} tasks are usable")
+
     def calibration_graphs(self, max_graphs: int = 512) -> list[MolGraph]:
         """Up to `max_graphs` molecule graphs of the training split, for setting a random graph tower's batch-norm
-        statistics: the graph tasks' records taken round-robin in file order, bad records skipped. The same on
-        every process and in every run, and it leaves the sample stream (and so exact resume) untouched."""
-        graph_tasks = [(spec, source) for spec, source in zip(self.builder.specs, self.sources) if spec.has_graph]
-        order = sorted((index, task) for task, (_, source) in enumerate(graph_tasks) for index in range(len(source)))
+        statistics: the graph tasks' records taken round-robin in file order, records training would reject (bad,
+        or over the row's token or atom budget) skipped. The same on every process and in every run, and it
+        leaves the sample stream (and so exact resume) untouched."""
+        graph_tasks = [(task_index, spec, source) for task_index, (spec, source)
+                       in enumerate(zip(self.builder.specs, self.sources)) if spec.has_graph]
+        order = sorted((index, task) for task, (_, _, source) in enumerate(graph_tasks)
+                       for index in range(len(source)))
         graphs: list[MolGraph] = []
         for index, task in order:
             if len(graphs) == max_graphs:
                 break
-            spec, source = graph_tasks[task]
+            task_index, spec, source = graph_tasks[task]
             try:
+                self.builder.build(task_index, index)  # RecordError: training skips this record
                 record = source[index]
-                if readers.check_record(record, spec) is not None:
-                    continue
                 graph = molecules.graph_for(spec.graph_rule, record["input"], record, mode=self.feature_mode)
             except (json.JSONDecodeError, readers.RecordError, FeaturizationError):
                 continue  # the sample stream reports bad records; calibration just uses the good ones

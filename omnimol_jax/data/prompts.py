@@ -39,7 +39,10 @@ def prompt_ids(spec: tasks.TaskSpec, record: Mapping[str, Any], tokenizer: ChatT
                feature_mode: str = "omnimol", question_draw: Optional[int] = None
                ) -> tuple[np.ndarray, Optional[MolGraph]]:
     """(prompt ids with graph slots expanded, graph or None) for a record that needs no answer (omnimol generate).
-    Raises FeaturizationError (a ValueError) when the task's molecule cannot be read."""
+    A molecule input may be SMILES: it is converted to the SELFIES the model was trained on. Raises
+    FeaturizationError (a ValueError) when the task's molecule cannot be read."""
+    if spec.has_graph:
+        record = {**record, "input": molecules.input_as_selfies(spec.graph_rule, record["input"])}
     graph = molecules.graph_for(spec.graph_rule, record["input"], record, mode=feature_mode) \
         if spec.has_graph else None
     encoded = tokenizer.encode_prompt(tasks.user_message(spec, record, question_draw))

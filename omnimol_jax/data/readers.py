@@ -3,9 +3,13 @@
 
 Files are never loaded whole. `iter_json_array` parses a JSON array incrementally with
 `json.JSONDecoder.raw_decode` over fixed-size chunks; `TaskRecords` makes one such pass to keep only the
-byte offsets of the records of one split (16 bytes a record) and later reads single records through
-`mmap`, so a 180 MB file costs its page cache, not several GB of Python objects, and supports the random
-access Grain needs.
+byte offsets of the records of one split (16 bytes a record) and later reads single records with `pread` on
+the file descriptor it indexed, so a 180 MB file costs its page cache, not several GB of Python objects, and
+supports the random access Grain needs.
+
+Files are treated as immutable: `build-data` replaces a file by renaming a new one over it, and the open
+descriptor keeps reading the old one. A file changed in place under a reader (truncated, rewritten) is reported
+naming the file, never a SIGBUS as with mmap. Bytes that are not UTF-8 make only their record unusable.
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ import array
 import codecs
 import dataclasses
 import json
-import mmap
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from omnimol_jax.errors import InputError
 from omnimol_jax.constants import (  # noqa: F401
     LAYOUT_MOL_INSTRUCTIONS,
     LAYOUT_OMNIMOL,
@@ -48,8 +53,10 @@ SKIP_REASONS = (REASON_MALFORMED, REASON_MISSING_FIELD, REASON_WRONG_TYPE, REASO
 
 _WHITESPACE = " \t\n\r"
 
+logger = logging.getLogger(__name__)
 
-class DataFormatError(ValueError):
+
+class DataFormatError(InputError):
     """A file or record does not have the expected format. The message names the file and record index."""
 
     def __init__(self, message: str, path: Optional[str | os.PathLike] = None, record_index: Optional[int] = None):
@@ -86,21 +93,21 @@ class ArrayElement:
     value: Any
 
 
-def iter_json_array(path: str | os.PathLike, chunk_chars: int = 1 << 20) -> Iterator[ArrayElement]:
+def iter_json_array(path: str | os.PathLike, chunk_chars: int = 1 << 20,
+                    name: Optional[str] = None) -> Iterator[ArrayElement]:
     """Yields the elements of a top-level JSON array one at a time, with their byte span in the file.
 
     Memory stays at about one chunk plus the largest element. A truncated or malformed file raises
-    DataFormatError naming the file and the index of the element that failed.
+    DataFormatError naming the file and the index of the element that failed. Bytes that are not UTF-8 are
+    kept as lone surrogates (they fail when their record is read with `json.loads`), so the spans stay exact.
+    `name` is the file's name in messages (default: `path`).
     """
-    try:
-        yield from _iter_json_array(str(path), chunk_chars)
-    except UnicodeDecodeError as err:
-        raise DataFormatError(f"not valid UTF-8: {err}", path) from None
+    yield from _iter_json_array(str(path), chunk_chars, name or str(path))
 
 
-def _iter_json_array(path: str, chunk_chars: int) -> Iterator[ArrayElement]:
+def _iter_json_array(path: str, chunk_chars: int, name: str) -> Iterator[ArrayElement]:
     decoder = json.JSONDecoder()
-    utf8 = codecs.getincrementaldecoder("utf-8")()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="surrogateescape")
     with open(path, "rb") as f:
         raw = f.read(chunk_chars)
         if raw.startswith(codecs.BOM_UTF8):
@@ -144,7 +151,7 @@ def _iter_json_array(path: str, chunk_chars: int) -> Iterator[ArrayElement]:
                     return False
 
         if not skip_whitespace() or buffer[pos] != "[":
-            raise DataFormatError("expected a JSON array (the file must start with '[')", path)
+            raise DataFormatError("expected a JSON array (the file must start with '[')", name)
         pos += 1
         pos_bytes += 1
         index = 0
@@ -152,15 +159,15 @@ def _iter_json_array(path: str, chunk_chars: int) -> Iterator[ArrayElement]:
         while True:
             if not skip_whitespace():
                 raise DataFormatError(f"unexpected end of file inside the array (after {index} records)",
-                                      path, index)
+                                      name, index)
             char = buffer[pos]
             if char == "]":
                 if expect_value and index > 0:
-                    raise DataFormatError("trailing comma before ']'", path, index)
+                    raise DataFormatError("trailing comma before ']'", name, index)
                 return
             if not expect_value:
                 if char != ",":
-                    raise DataFormatError(f"expected ',' or ']' after a record, found {char!r}", path, index)
+                    raise DataFormatError(f"expected ',' or ']' after a record, found {char!r}", name, index)
                 pos += 1
                 pos_bytes += 1
                 expect_value = True
@@ -173,13 +180,16 @@ def _iter_json_array(path: str, chunk_chars: int) -> Iterator[ArrayElement]:
                         break
                 except json.JSONDecodeError as err:
                     if eof:
+                        if err.msg.startswith("Unterminated") or err.pos >= len(buffer.rstrip()) - 1:
+                            raise DataFormatError(f"the file ends inside this record: it was cut off ({err.msg})",
+                                                  name, index) from None
                         raise DataFormatError(f"invalid JSON: {err.msg} (line {err.lineno} col {err.colno} "
-                                              f"of the current chunk)", path, index) from None
+                                              f"of the current chunk)", name, index) from None
                 # Incomplete element: append the next chunk and parse it again from its start.
                 if not more():
                     continue
             text_len = end - pos
-            byte_len = text_len if buffer_is_ascii else len(buffer[pos:end].encode("utf-8"))
+            byte_len = text_len if buffer_is_ascii else len(buffer[pos:end].encode("utf-8", "surrogateescape"))
             start_bytes = pos_bytes
             pos = end
             pos_bytes += byte_len
@@ -341,51 +351,78 @@ class TaskRecords:
     """The records of one task and split in one file: offsets kept in memory, records read on demand.
 
     `__getitem__(i)` returns the record dict; `record_index(i)` its index in the file's array (for error
-    messages). Picklable (the mmap is reopened lazily in each process), so Grain workers can use it.
-    A record that is not a JSON object is still indexed (it is rejected, and counted, when used).
+    messages). Picklable (the descriptor is reopened lazily in each process, after checking that the file is
+    still the one indexed), so Grain workers can use it. A record that is not a JSON object is still indexed
+    (it is rejected, and counted, when used). With `strict=False` a file that is cut off or malformed part-way
+    keeps the records before the damage (`damage` says what and where, and a warning is logged).
     """
 
-    def __init__(self, path: str | os.PathLike, task: str, split: Optional[str], metadata_task: Optional[str] = None):
+    def __init__(self, path: str | os.PathLike, task: str, split: Optional[str], metadata_task: Optional[str] = None,
+                 strict: bool = True):
         self.path = str(path)
         self.task = task
         self.split = split
         self.metadata_task = metadata_task
+        self.damage: Optional[str] = None
+        try:
+            self._fd: Optional[int] = os.open(self.path, os.O_RDONLY)
+        except OSError as err:
+            raise DataFormatError(f"cannot open: {err.strerror}", self.path) from None
+        self._identity = _identity(os.fstat(self._fd))
         starts, ends, indices = array.array("q"), array.array("q"), array.array("q")
         self.num_in_file = 0
         self.num_without_split = 0
-        for element in iter_json_array(self.path):
-            self.num_in_file += 1
-            value = element.value
-            if split is not None:
-                value_split = record_split(value)
-                if value_split is None:
-                    self.num_without_split += 1
-                if value_split != split:
+        try:
+            # Through /dev/fd (Linux): the index describes exactly the file the descriptor reads.
+            indexed = f"/dev/fd/{self._fd}" if os.path.isdir("/dev/fd") else self.path
+            for element in iter_json_array(indexed, name=self.path):
+                self.num_in_file += 1
+                value = element.value
+                if split is not None:
+                    value_split = record_split(value)
+                    if value_split is None:
+                        self.num_without_split += 1
+                    if value_split != split:
+                        continue
+                if metadata_task is not None and record_metadata_task(value) != metadata_task:
                     continue
-            if metadata_task is not None and record_metadata_task(value) != metadata_task:
-                continue
-            starts.append(element.byte_start)
-            ends.append(element.byte_end)
-            indices.append(element.index)
+                starts.append(element.byte_start)
+                ends.append(element.byte_end)
+                indices.append(element.index)
+        except DataFormatError as err:
+            if strict:
+                raise
+            self.damage = str(err)
+            logger.warning("%s; training uses the %d records before the damage (data.strict=false)", err,
+                           self.num_in_file)
         self._starts = np.frombuffer(starts, dtype=np.int64).copy()
         self._ends = np.frombuffer(ends, dtype=np.int64).copy()
         self._indices = np.frombuffer(indices, dtype=np.int64).copy()
-        self._mmap: Optional[mmap.mmap] = None
 
     def __len__(self) -> int:
         return len(self._starts)
 
-    def _buffer(self) -> mmap.mmap:
-        if self._mmap is None:
-            with open(self.path, "rb") as f:
-                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        return self._mmap
+    def _descriptor(self) -> int:
+        if self._fd is None:  # unpickled in a worker: the path must still name the file that was indexed
+            fd = os.open(self.path, os.O_RDONLY)
+            if _identity(os.fstat(fd)) != self._identity:
+                os.close(fd)
+                raise DataFormatError("the file was replaced or changed after it was indexed; restart the run",
+                                      self.path)
+            self._fd = fd
+        return self._fd
 
     def record_index(self, i: int) -> int:
         return int(self._indices[i])
 
     def raw(self, i: int) -> bytes:
-        return self._buffer()[int(self._starts[i]):int(self._ends[i])]
+        start, end = int(self._starts[i]), int(self._ends[i])
+        data = os.pread(self._descriptor(), end - start, start)
+        if len(data) != end - start:
+            raise DataFormatError(f"the file shrank after it was indexed (record ends at byte {end}, only "
+                                  f"{start + len(data)} bytes left); it was changed in place, restart the run",
+                                  self.path, self.record_index(i))
+        return data
 
     def __getitem__(self, i: int) -> Any:
         if not -len(self) <= i < len(self):
@@ -398,24 +435,35 @@ class TaskRecords:
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_mmap"] = None
+        state["_fd"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+
     def __repr__(self) -> str:
         return f"TaskRecords({self.path!r}, task={self.task!r}, split={self.split!r}, n={len(self)})"
 
 
+def _identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def open_task(data_dir: str | os.PathLike, task: str, split: Optional[str] = "train",
-              layout: str = LAYOUT_OMNIMOL) -> TaskRecords:
+              layout: str = LAYOUT_OMNIMOL, strict: bool = True) -> TaskRecords:
     """The records of `task` and `split` (None: all) found in `data_dir` under the layout's file names."""
     path, metadata_task = find_task_file(data_dir, task, layout)
-    return TaskRecords(path, task, split, metadata_task)
+    return TaskRecords(path, task, split, metadata_task, strict=strict)
 
 
 def open_tasks(data_dir: str | os.PathLike, tasks: Sequence[str], split: Optional[str] = "train",
-               layout: str = LAYOUT_OMNIMOL) -> dict[str, TaskRecords]:
+               layout: str = LAYOUT_OMNIMOL, strict: bool = True) -> dict[str, TaskRecords]:
     """`open_task` for several tasks; a file shared by several tasks is still indexed once per task."""
-    return {task: open_task(data_dir, task, split, layout) for task in tasks}
+    return {task: open_task(data_dir, task, split, layout, strict) for task in tasks}

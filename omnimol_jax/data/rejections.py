@@ -14,6 +14,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import grain
 
+from omnimol_jax.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ class AcceptedIterDataset(grain.IterDataset):
         return AcceptedIterator(self._parent.__iter__(), self._max_consecutive_rejections)
 
 
-class NoUsableSamplesError(RuntimeError):
+class NoUsableSamplesError(InputError):
     """Every record in a long run was rejected: the data or the limits (seq_len, atom budget) are wrong."""
 
 

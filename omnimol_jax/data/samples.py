@@ -40,6 +40,10 @@ class SampleBuilder:
         self.num_atom_features = NUM_ATOM_FEATURES[feature_mode]
         self.num_bond_features = NUM_BOND_FEATURES[feature_mode]
 
+    def build(self, task_index: int, record_index: int, position: int = 0) -> dict:
+        """The sample of one record; RecordError (naming file, record and reason) when it cannot be one."""
+        return self._build(task_index, self.specs[task_index], self.sources[task_index], record_index, position)
+
     def __call__(self, element: tuple[int, int, int]) -> dict:
         task_index, record_index, position = element
         spec, source = self.specs[task_index], self.sources[task_index]
@@ -61,6 +65,8 @@ class SampleBuilder:
             record = source[record_index]
         except json.JSONDecodeError as err:
             self._fail(spec, source, record_index, readers.REASON_MALFORMED, f"invalid JSON: {err}")
+        except UnicodeDecodeError as err:
+            self._fail(spec, source, record_index, readers.REASON_MALFORMED, f"not valid UTF-8: {err}")
         problem = readers.check_record(record, spec)
         if problem is not None:
             self._fail(spec, source, record_index, *problem)

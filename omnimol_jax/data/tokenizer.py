@@ -26,6 +26,7 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from omnimol_jax.errors import InputError
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 from omnimol_jax.tasks import SYSTEM_PROMPT
 
@@ -57,7 +58,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(InputError):
     pass
 
 
@@ -126,6 +127,19 @@ class ChatTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids if int(i) >= 0]
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_whole_characters(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """`decode` for generated text that a length limit may have cut inside a multi-byte character: the
+        byte-level tokens holding that character's first bytes are left out instead of showing as U+FFFD."""
+        ids = [int(i) for i in ids if int(i) >= 0]
+        text = self.decode(ids, skip_special_tokens)
+        for cut in range(1, min(3, len(ids)) + 1):  # a UTF-8 character has at most 3 bytes before its last
+            if not text.endswith("\ufffd"):
+                break
+            shorter = self.decode(ids[:-cut], skip_special_tokens)
+            if not shorter.endswith("\ufffd"):
+                return shorter
+        return text
 
     # -- chat format
     def _user_pieces(self, user_message: str) -> tuple[list[np.ndarray], int]:

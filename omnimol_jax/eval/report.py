@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
+from omnimol_jax.errors import InputError
 from omnimol_jax.eval.mol_metrics import PROTOCOLS
 from omnimol_jax.tasks import METRIC_SETS, TASK_KEYS, get_task
 
@@ -29,6 +30,10 @@ COUNT_KEYS = ("n", "n_valid", "n_failed")
 
 # --------------------------------------------------------------------------------------------------
 # Predictions JSONL
+
+
+class PredictionFileError(InputError):
+    """A predictions.jsonl line is not a prediction record; names the file and line."""
 
 
 class PredictionStore:
@@ -61,12 +66,16 @@ class PredictionStore:
             try:
                 record = json.loads(raw)
             except ValueError as error:
-                raise ValueError(f"{self.path}:{number}: not a JSON record ({error})") from None
+                raise PredictionFileError(f"{self.path}:{number}: not a JSON record ({error})") from None
             if not isinstance(record, dict) or "id" not in record:
-                raise ValueError(f"{self.path}:{number}: a prediction record must be an object with an 'id'")
+                raise PredictionFileError(f"{self.path}:{number}: a prediction record must be an object with an "
+                                          "'id'")
+            if not isinstance(record.get("prediction", ""), str):
+                raise PredictionFileError(f"{self.path}:{number}: 'prediction' must be a string, got "
+                                          f"{type(record['prediction']).__name__} (use --restart to discard the file)")
             key = str(record["id"])
             if key in self.records:
-                raise ValueError(f"{self.path}:{number}: record id {key!r} appears twice")
+                raise PredictionFileError(f"{self.path}:{number}: record id {key!r} appears twice")
             self.records[key] = record
 
     def __contains__(self, record_id: Any) -> bool:

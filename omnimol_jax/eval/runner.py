@@ -29,6 +29,7 @@ from omnimol_jax import tasks
 from omnimol_jax.config import MeshConfig
 from omnimol_jax.data import readers
 from omnimol_jax.data.prompts import generation_example
+from omnimol_jax.errors import InputError
 from omnimol_jax.eval.baselines import train_mean_baselines
 from omnimol_jax.eval.metrics import compute_metrics_from_records
 from omnimol_jax.eval.mol_metrics import PROTOCOLS, mol_to_inchi, parse_selfies
@@ -46,7 +47,7 @@ SKIPPED_FILE = "skipped.json"
 TOPK_VALUES = (1, 3, 5, 10)
 
 
-class EvalError(RuntimeError):
+class EvalError(InputError):
     """A problem that stops evaluation (the message names the file or record)."""
 
 
@@ -123,8 +124,11 @@ def _check_settings(out_dir: Path, settings: dict, restart: bool) -> None:
         if changed:
             raise EvalError(f"{predictions} holds predictions made with different settings ({', '.join(changed)}); "
                             f"pass --restart to discard them or choose another --out")
+
+
+def _write_settings(out_dir: Path, settings: dict) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings, indent=2) + "\n")
+    (out_dir / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
 
 def _batches(items: Sequence[PendingExample], size: int) -> Iterator[list[PendingExample]]:
@@ -242,8 +246,10 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     session = load_session(options.checkpoint, options.tokenizer, double_bos=options.double_bos,
                            mesh_config=options.mesh, constrained=wants_constraint)
     out_dir = Path(options.out) if options.out else Path("eval") / session.checkpoint.resolve().name
-    _check_settings(out_dir, _settings(options, session, config), options.restart)
-    store = PredictionStore(out_dir / PREDICTIONS_FILE)
+    settings = _settings(options, session, config)
+    _check_settings(out_dir, settings, options.restart)
+    store = PredictionStore(out_dir / PREDICTIONS_FILE)  # a malformed file stops here, before anything is written
+    _write_settings(out_dir, settings)
     median_decoder = number_median_decoder(session, options.number_median) if options.number_median else None
 
     # Which test records each task has, and which still lack a prediction.

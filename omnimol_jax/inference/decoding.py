@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from omnimol_jax.data.graphs import batch_graphs, next_power_of_two, prompt_graph_budget
+from omnimol_jax.errors import InputError
 from omnimol_jax.graph_batch import GraphBatch
 from omnimol_jax.inference.selfies_constraint import START_STATE, ConstraintTables, SelfiesConstraint
 from omnimol_jax.model.kv_cache import KVCache, gather_cache, init_kv_cache, tile_cache
@@ -50,7 +51,7 @@ from omnimol_jax.sharding import named_sharding, state_shardings, use_mesh
 NEG_INF = float("-inf")
 
 
-class GenerationError(ValueError):
+class GenerationError(InputError):
     """Bad generation input (prompt too long, graph slots and atoms disagree, ...); names the row."""
 
 

@@ -11,13 +11,14 @@ from typing import Any, Optional, Sequence
 from omnimol_jax.checkpoint import ASSETS_DIR, CheckpointError, load_omnimol
 from omnimol_jax.config import MeshConfig
 from omnimol_jax.data.tokenizer import EOS, TokenizerError, load_chat_tokenizer
+from omnimol_jax.errors import InputError
 from omnimol_jax.inference.decoding import Generator
 from omnimol_jax.inference.number_median import NumberMedianDecoder, number_tokens_for_tokenizer
 from omnimol_jax.inference.selfies_constraint import constraint_for_tokenizer
 from omnimol_jax.sharding import build_mesh
 
 
-class SessionError(RuntimeError):
+class SessionError(InputError):
     """The checkpoint or its tokenizer cannot be used (the message names the path)."""
 
 
@@ -33,7 +34,7 @@ class InferenceSession:
     checkpoint: Path
 
     def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.tokenizer.decode_whole_characters(ids, skip_special_tokens=True).strip()
 
 
 def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = None, *,

@@ -60,3 +60,16 @@ class OmniMolModel(nnx.Module):
         return self.language_model(inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
                                    segment_ids=segment_ids, cache=cache, return_hidden_states=return_hidden_states,
                                    dropout_rng=dropout_rng)
+
+
+def variable_counts(model_config: ModelConfig, graph_config: GraphConfig) -> dict[str, int]:
+    """Numbers of the full model's variables per part (language_model, graph_tower, projector), from shapes only:
+    every variable a run holds (parameters, adapters, routers, GAL scales, batch-norm statistics), as `train`
+    counts them."""
+    import numpy as np
+
+    abstract = nnx.eval_shape(lambda: OmniMolModel(model_config, graph_config, rngs=nnx.Rngs(0)))
+    counts: dict[str, int] = {}
+    for path, variable in nnx.to_flat_state(nnx.state(abstract, nnx.Variable)):
+        counts[str(path[0])] = counts.get(str(path[0]), 0) + int(np.prod(variable.get_value().shape))
+    return counts

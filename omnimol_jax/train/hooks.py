@@ -103,13 +103,15 @@ class ProfileHook(Hook):
 
 
 class MetricsHook(Hook):
-    """Losses, throughput, MFU and router load: a progress bar every step, the metric log every `log_every`."""
+    """Losses, throughput, MFU and router load: a progress bar every step, the metric log every `log_every`, and
+    (`say`, for runs without a progress bar) a line per log point."""
 
     def __init__(self, task_names: list[str], log_every: int, max_steps: int, logger: Optional[MetricLogger],
-                 progress: bool):
+                 progress: bool, say: Optional[Callable[[str], None]] = None):
         self.task_names, self.log_every, self.max_steps, self.logger = task_names, log_every, max_steps, logger
         self.window = MetricWindow(len(task_names))
         self.progress = progress
+        self.say = say
         self.bar = None
 
     def at_start(self, run: RunState) -> None:
@@ -131,6 +133,11 @@ class MetricsHook(Hook):
             scalars = self.window.flush(self.task_names, run.flops_per_step, run.peak_flops or 0.0, metrics)
             if self.logger:
                 self.logger.log(step, scalars)
+            if self.say:
+                self.say(f"step {step}/{self.max_steps}: loss {scalars['loss']:.4f}, grad norm "
+                         f"{scalars['grad_norm']:.3g}, lr {scalars['learning_rate']:.3g}, "
+                         f"{scalars['tokens_per_s']:.0f} tokens/s"
+                         + (f", {scalars['skipped_steps']} skipped" if scalars["skipped_steps"] else ""))
         return None
 
     def close(self, run: RunState) -> None:
@@ -158,10 +165,12 @@ class SignalHook(Hook):
     def __init__(self, say: Callable[[str], None]):
         self.say = say
         self.received: Optional[str] = None
+        self.received_number: Optional[int] = None
         self.previous = {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def _request_stop(self, signum, frame) -> None:
         self.received = signal.Signals(signum).name
+        self.received_number = int(signum)
         self.say(f"received {self.received}: saving a checkpoint after this step")
 
     def after_step(self, run: RunState, step: int, metrics: dict) -> Optional[str]:
@@ -183,7 +192,8 @@ class UntilStepHook(Hook):
 
 
 class CheckpointHook(Hook):
-    """Saves every `every` steps before the last, and once more, forced, at the end however the run stopped."""
+    """Saves every `every` steps before the last, and once more, forced, at the end however the run stopped (a
+    step that already has a checkpoint, as after a rerun of a finished run, is not saved again)."""
 
     def __init__(self, checkpoints: Any, every: int, max_steps: int, config_dict: Callable[[], dict]):
         self.checkpoints, self.every, self.max_steps, self.config_dict = checkpoints, every, max_steps, config_dict

@@ -10,13 +10,27 @@ import numpy as np
 
 
 class MetricLogger:
-    def __init__(self, output_dir: Path, task_names: Sequence[str]):
+    """Appends to metrics.jsonl and TensorBoard. A run that (re)starts at `resume_step` first drops what an earlier
+    attempt logged after that step's checkpoint, which this attempt logs again: metrics.jsonl is rewritten
+    (atomically) without those rows, and TensorBoard purges the steps from there on."""
+
+    def __init__(self, output_dir: Path, task_names: Sequence[str], resume_step: int = 0, max_steps: int = 0):
         from tensorboardX import SummaryWriter
 
         self.output_dir = Path(output_dir)
         self.task_names = list(task_names)
-        self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
-        self.jsonl = open(self.output_dir / "metrics.jsonl", "a")
+        path = self.output_dir / "metrics.jsonl"
+        # The eval at the resume step is redone at a fresh start (step 0) and after the last step (the final one).
+        redo_eval = resume_step == 0 or resume_step >= max_steps
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and _keep(json.loads(line), resume_step, redo_eval)]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            tmp.replace(path)
+        self.writer = SummaryWriter(str(self.output_dir / "tensorboard"),
+                                    purge_step=resume_step if redo_eval else resume_step + 1)
+        self.jsonl = open(path, "a")
 
     def log(self, step: int, scalars: dict[str, float], kind: str = "train") -> None:
         for name, value in scalars.items():
@@ -28,6 +42,11 @@ class MetricLogger:
     def close(self) -> None:
         self.writer.close()
         self.jsonl.close()
+
+
+def _keep(row: dict, resume_step: int, redo_eval: bool) -> bool:
+    step = row.get("step", 0)
+    return step < resume_step or (step == resume_step and not (row.get("kind") == "eval" and redo_eval))
 
 
 def _plain(value: Any) -> Any:

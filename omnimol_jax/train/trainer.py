@@ -1,13 +1,17 @@
 """`omnimol train`: stage 1 (projector alignment) or stage 2 (MoGE SFT) under jit shardings over the mesh.
 
 A run lives in `train.output_dir`:
-    config.yaml          the resolved config
-    frozen/              the frozen weights, written once (model checkpoint format)
+    config.yaml          the resolved config of the latest start (each checkpoint also stores its own)
+    config_changes.jsonl bookkeeping keys changed on resume (train/config_contract.py)
+    frozen/              the frozen weights, written when the run starts afresh (model checkpoint format)
     checkpoints/<step>/  Orbax: train state (trainable params, optimizer, step, RNG, counters), data iterator, config
     metrics.jsonl, tensorboard/, loss_per_task.png, expert_usage.png, profile/ (with train.profile_steps)
     final/               the trained model as a model checkpoint (eval/generate/export read it)
-Resuming (the same command again) picks the newest checkpoint that restores; stopping by SIGTERM/SIGINT
-saves a checkpoint first, so preempted runs continue exactly.
+    .omnimol-run.lock    held while a process writes the directory (train/run_directory.py)
+Resuming (the same command again) picks the newest checkpoint that restores, after checking the config against
+the one that checkpoint was written with; stopping by SIGTERM/SIGINT saves a checkpoint first, so preempted runs
+continue exactly. A rerun after the last step goes on to validation and export, or reports that the run is
+complete.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ from omnimol_jax.config import Config, save_config
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
 from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
+from omnimol_jax.errors import RunError
 from omnimol_jax.graph_batch import node_mask
 from omnimol_jax.model.gin import mean_pairwise_cosine
 from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
 from omnimol_jax.train.checkpoints import RunCheckpoints, abstract_like
+from omnimol_jax.train.config_contract import ConfigChanges, check_resume, describe_changes
 from omnimol_jax.train.hooks import (
     CheckpointHook,
     CompileHook,
@@ -47,24 +53,26 @@ from omnimol_jax.train.hooks import (
 )
 from omnimol_jax.train.metrics_log import MetricLogger, plot_run
 from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.run_directory import RunDirectory
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
 from omnimol_jax.train.validation import Validation
 
 logger = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RunError):
     pass
 
 
 @dataclasses.dataclass
 class RunResult:
     final_step: int
-    stopped_by: str                  # "max_steps" | "signal" | "nonfinite" | "until_step"
+    stopped_by: str                  # "max_steps" | "signal" | "nonfinite" | "until_step" | "already_complete"
     checkpoint_step: Optional[int]
     output_dir: Path
     losses: list[float]
     final_state: Any = None
+    signal: Optional[int] = None     # the signal number when stopped_by == "signal"
 
 
 class Trainer:
@@ -75,9 +83,35 @@ class Trainer:
         self.progress = progress
         self.say = log
         self.output_dir = Path(config.train.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self.mesh = build_mesh(config.mesh, devices)
         self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        # One writer per run directory, from here until run() ends. Everything that can reject the input (config
+        # contract, task files, strict record checks) runs before anything is written into the directory.
+        self.run_directory = RunDirectory(self.output_dir, primary=self.process_index == 0).acquire()
+        try:
+            self._setup()
+        except BaseException:
+            self.run_directory.release(failed=True)
+            raise
+
+    def _setup(self) -> None:
+        config = self.config
+        self.checkpoints: Optional[RunCheckpoints] = None
+        self.config_changes = ConfigChanges({}, {}, {})
+        self.resuming = False
+        if (self.output_dir / "checkpoints").is_dir():
+            self.checkpoints = self._open_checkpoints()
+            self.resuming = bool(self.checkpoints.steps())
+            stored = self.checkpoints.latest_config()
+            if stored is not None:
+                step, stored_config = stored
+                self.config_changes = check_resume(stored_config, self._config_dict(),
+                                                   config.train.allow_config_change, str(self.output_dir), step)
+                if self.config_changes.applied:
+                    self.say(f"config changes applied on resume: {describe_changes(self.config_changes.applied)}")
+                if self.config_changes.ignored:
+                    self.say(f"warning: {describe_changes(self.config_changes.ignored)}: not used, the run resumes "
+                             "from its own checkpoints")
 
         self.pipeline = Pipeline(config.data, feature_mode=config.graph.feature_mode)
         self.task_names = list(self.pipeline.task_keys)
@@ -85,6 +119,7 @@ class Trainer:
         if self.pipeline.tokenizer.vocab_size > config.model.vocab_size:
             raise TrainingError(f"the tokenizer has {self.pipeline.tokenizer.vocab_size} tokens but "
                                 f"model.vocab_size is {config.model.vocab_size}")
+        self.pipeline.check_records(say=self.say, progress=self.progress and self.process_index == 0)
         self._build_model()
         self.tx, self.schedule = make_optimizer(config.train)
         steps = make_step_functions(self.graphdef, self.layout, self.tx, num_tasks=self.num_tasks,
@@ -93,8 +128,10 @@ class Trainer:
         self._train_step_fn = steps.train_step
         self.validation = Validation(config, self.pipeline.tokenizer, self.task_names, steps.eval_step, self.mesh,
                                      say=self.say)
-        self.checkpoints = RunCheckpoints(self.output_dir / "checkpoints", config.train.keep_checkpoints,
-                                          config.train.async_checkpointing)
+
+    def _open_checkpoints(self) -> RunCheckpoints:
+        return RunCheckpoints(self.output_dir / "checkpoints", self.config.train.keep_checkpoints,
+                              self.config.train.async_checkpointing)
 
     # ------------------------------------------------------------------------------------------------ model
 
@@ -104,7 +141,10 @@ class Trainer:
         model = create_sharded_model(constructor, self.mesh)
         trains = trainable_filter(cfg.train.stage, cfg.train.unfreeze)
         frozen_dir = self.output_dir / "frozen"
-        if (frozen_dir / model_ckpt.META_FILE).is_file():
+        if self.resuming:
+            if not (frozen_dir / model_ckpt.META_FILE).is_file():
+                raise TrainingError(f"{frozen_dir} is missing: the run's checkpoints hold only the trained "
+                                    "variables, the frozen ones are written there when the run starts")
             self.say(f"frozen weights from {frozen_dir} (written when this run started)")
             graphdef, trainable, frozen = nnx.split(model, trains, ...)
             shardings = {k: v.sharding for k, v in model_ckpt.flat_values(frozen).items()}
@@ -197,10 +237,10 @@ class Trainer:
         return TrainState(step=scalar(0), trainable=trainable, opt_state=opt_state, rng=rng,
                           nonfinite_in_a_row=scalar(0), skipped_total=scalar(0))
 
-    def _save_frozen_once(self) -> None:
+    def _save_frozen(self) -> None:
+        """Written at a fresh start, replacing one left by an earlier start that never reached a checkpoint (every
+        process saves: the Orbax write is collective)."""
         frozen_dir = self.output_dir / "frozen"
-        if (frozen_dir / model_ckpt.META_FILE).is_file():
-            return  # (every process saves: the Orbax write is collective)
         model_ckpt.save_model_checkpoint(frozen_dir, self.config.model, model_ckpt.flat_values(self.frozen),
                                          overwrite=True,
                                          extra_metadata={"graph": dataclasses.asdict(self.config.graph),
@@ -210,8 +250,38 @@ class Trainer:
 
     def run(self, until_step: Optional[int] = None) -> RunResult:
         """Trains to train.max_steps, or stops after `until_step` with a checkpoint (stopped_by "until_step")."""
+        failed = True
+        try:
+            result = self._run(until_step)
+            failed = False
+            return result
+        finally:
+            self.run_directory.release(failed=failed)
+
+    def _record_config(self, start_step: int) -> None:
+        if self.process_index != 0:
+            return
+        save_config(self.config, self.output_dir / "config.yaml")
+        if self.config_changes.applied:
+            with open(self.output_dir / "config_changes.jsonl", "a") as f:
+                f.write(json.dumps({"step": start_step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                    "changes": {k: list(v) for k, v in self.config_changes.applied.items()}})
+                        + "\n")
+
+    def _final_export_done(self, step: int) -> bool:
+        """True when final/ holds the model of `step` (or no export is wanted)."""
+        if not self.config.train.export_final:
+            return False
+        try:
+            _, meta = model_ckpt.read_metadata(self.output_dir / "final")
+        except model_ckpt.CheckpointError:
+            return False
+        return meta.get("source", {}).get("step") == step
+
+    def _run(self, until_step: Optional[int]) -> RunResult:
         cfg = self.config
-        save_config(cfg, self.output_dir / "config.yaml")
+        if self.checkpoints is None:
+            self.checkpoints = self._open_checkpoints()
         state = self._initial_state()
         state_shardings = jax.tree.map(lambda x: x.sharding, state)
         frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
@@ -223,12 +293,22 @@ class Trainer:
             self.say(f"resumed from checkpoint step {start_step}")
         else:
             start_step = 0
-            self._save_frozen_once()
+        self._record_config(start_step)
+        if restored is None:
+            self._save_frozen()
+        if start_step >= cfg.train.max_steps and self._final_export_done(start_step):
+            self.say(f"the run is already complete: step {start_step} of {cfg.train.max_steps}, model in "
+                     f"{self.output_dir / 'final'}")
+            data.close()
+            self.checkpoints.close()
+            return RunResult(start_step, "already_complete", start_step, self.output_dir, [], final_state=state)
         train_step = jax.jit(self._train_step_fn, in_shardings=(state_shardings, frozen_shardings, None),
                              out_shardings=(state_shardings, None), donate_argnums=(0,))
         run = RunState(state=state, data=data, start_step=start_step)
-        metric_logger = MetricLogger(self.output_dir, self.task_names) if self.process_index == 0 else None
+        metric_logger = (MetricLogger(self.output_dir, self.task_names, resume_step=start_step,
+                                      max_steps=cfg.train.max_steps) if self.process_index == 0 else None)
         hooks = self._hooks(train_step, metric_logger, until_step)
+        signal_hook = next(h for h in hooks if isinstance(h, SignalHook))
         stopped_by, step = "max_steps", start_step
         try:
             with use_mesh(self.mesh):
@@ -264,7 +344,8 @@ class Trainer:
                        "peak_flops_per_device": run.peak_flops, "peak_source": run.peak_source,
                        "plots": [str(p) for p in plots], "bad_records": data.stats.by_task()}
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return RunResult(step, stopped_by, step, self.output_dir, run.losses, final_state=run.state)
+        return RunResult(step, stopped_by, step, self.output_dir, run.losses, final_state=run.state,
+                         signal=signal_hook.received_number if stopped_by == "signal" else None)
 
     def _hooks(self, train_step, metric_logger: Optional[MetricLogger], until_step: Optional[int]) -> list[Hook]:
         """The run's hooks, in the order they act after each step (stop checks before the checkpoint)."""
@@ -274,7 +355,8 @@ class Trainer:
                         self.say),
             ProfileHook(cfg.profile_range(), self.output_dir / "profile", self.say),
             MetricsHook(self.task_names, cfg.log_every, cfg.max_steps, metric_logger,
-                        progress=self.progress and self.process_index == 0),
+                        progress=self.progress and self.process_index == 0,
+                        say=self.say if not self.progress and self.process_index == 0 else None),
             NonFiniteStopHook(cfg.max_consecutive_nonfinite, self.say),
             SignalHook(self.say),
             UntilStepHook(until_step),

@@ -1,5 +1,6 @@
 """The `omnimol` command line: every subcommand has --help; info/init/check-hf work end to end."""
 import json
+import re
 
 import pytest
 
@@ -31,8 +32,12 @@ def test_every_subcommand_has_help(command, capsys):
 
 def test_info_reports_parameter_count_and_rejects_typos(capsys):
     assert main(["info", "model.preset=llama3_2_1b"]) == 0
-    assert "# parameters: 1,235,814,400" in capsys.readouterr().out
-    assert main(["info", "model.num_layrs=3"]) == 1
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("# parameters:"))
+    assert "language model 1,235,814,400" in line  # and the graph tower and projector, as train counts them
+    total = int(line.split()[2].replace(",", ""))
+    parts = [int(n.replace(",", "")) for n in re.findall(r"(?:model|tower|projector) ([\d,]+)", line)]
+    assert len(parts) == 3 and sum(parts) == total > 1_235_814_400
+    assert main(["info", "model.num_layrs=3"]) == 2
     assert "did you mean 'num_layers'" in capsys.readouterr().err
 
 

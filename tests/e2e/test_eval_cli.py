@@ -1,6 +1,5 @@
 """End to end: a tiny random Omni-Mol checkpoint with the built-in corpus tokenizer, `omnimol eval` on a few
 test records (outputs, report, resume) and `omnimol generate` (greedy, beams, constrained)."""
-import argparse
 import dataclasses
 import json
 import re
@@ -11,7 +10,7 @@ import selfies
 from rdkit import Chem
 
 from omnimol_jax.checkpoint import omnimol_constructor, save_omnimol_checkpoint
-from omnimol_jax.cli import evaluate as eval_cli
+from omnimol_jax.cli import main as cli_main
 from omnimol_jax.config import GraphConfig, model_config_from_preset
 from omnimol_jax.data.corpus import CorpusConfig, build_corpus
 from omnimol_jax.data.tokenizer import load_chat_tokenizer
@@ -46,10 +45,7 @@ def checkpoint(corpus, tmp_path_factory):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="omnimol")
-    eval_cli.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    return cli_main(argv)  # errors become one line on stderr and exit code 2 (bad input) or 1
 
 
 @pytest.fixture
@@ -114,7 +110,7 @@ def test_eval_writes_predictions_and_report_and_resumes(corpus, checkpoint, tmp_
     assert resumed == {r["id"]: r for r in records}
 
     # Different decoding settings refuse to mix with the stored predictions.
-    assert _cli(argv[:-1] + ["--beams", "2", "--no-progress"]) == 1
+    assert _cli(argv[:-1] + ["--beams", "2", "--no-progress"]) == 2
     assert "different settings" in capsys.readouterr().err
 
 
@@ -196,9 +192,9 @@ def test_eval_number_median_decodes_number_tasks_only_and_deterministically(corp
     assert _cli([a if a != str(out) else str(again) for a in argv]) == 0
     assert (again / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
     # refused before anything loads: with another way of decoding, or a negative K
-    assert _cli(argv + ["--beams", "2"]) == 1
-    assert _cli(argv + ["--mbr-samples", "4"]) == 1
-    assert _cli(argv[:-1] + ["-1"]) == 1
+    assert _cli(argv + ["--beams", "2"]) == 2
+    assert _cli(argv + ["--mbr-samples", "4"]) == 2
+    assert _cli(argv[:-1] + ["-1"]) == 2
 
 
 def test_generate_prints_answers(checkpoint, capsys):
@@ -214,11 +210,15 @@ def test_generate_prints_answers(checkpoint, capsys):
     assert scores[0] >= scores[1]
     for line in lines:
         assert Chem.MolFromSmiles(selfies.decoder(line.split("\t", 1)[1])) is not None
-    assert _cli(base + ["--task", "molediting", "--input", "[C][C][O]"]) == 1  # needs an instruction
+    # SMILES is accepted and read as the SELFIES the model was trained on
+    assert _cli(base + ["--task", "logp", "--input", "CCO"]) == 0
+    assert capsys.readouterr().out == greedy
+    assert _cli(base + ["--task", "molediting", "--input", "[C][C][O]"]) == 2  # needs an instruction
     assert "--instruction" in capsys.readouterr().err
-    assert _cli(base + ["--task", "logp", "--input", "not a molecule"]) == 1
-    assert "not a molecule" in capsys.readouterr().err
-    assert _cli(base + ["--task", "logp", "--input", "[C]", "--temperature", "0"]) == 1
+    assert _cli(base + ["--task", "logp", "--input", "not a molecule"]) == 2
+    err = capsys.readouterr().err
+    assert "neither SELFIES" in err and "'not a molecule'" in err
+    assert _cli(base + ["--task", "logp", "--input", "[C]", "--temperature", "0"]) == 2
     capsys.readouterr()
     assert _cli(base + ["--task", "logp", "--input", "[C][C][O]", "--number-median", "4"]) == 0
     median = capsys.readouterr()

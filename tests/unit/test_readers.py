@@ -48,7 +48,7 @@ def test_writer_output_reads_back(tmp_path):
 
 
 @pytest.mark.parametrize("text,message,index", [
-    ('[{"a": 1}, {"b": 2}, {"c": ', "unexpected end of file|invalid JSON", 2),
+    ('[{"a": 1}, {"b": 2}, {"c": ', "unexpected end of file|invalid JSON|cut off", 2),
     ('[{"a": 1} {"b": 2}]', "expected ',' or ']'", 1),
     ('{"a": 1}', "expected a JSON array", None),
     ('[{"a": 1},]', "trailing comma", 1),
@@ -65,11 +65,15 @@ def test_malformed_files_name_file_and_record(tmp_path, text, message, index):
         assert f"record {index}" in str(info.value)
 
 
-def test_invalid_utf8_is_reported(tmp_path):
+def test_bytes_that_are_not_utf8_make_only_their_record_unusable(tmp_path):
     path = tmp_path / "latin1.json"
-    path.write_bytes(b'[{"a": "caf\xe9"}]')
-    with pytest.raises(DataFormatError, match="not valid UTF-8"):
-        list(iter_json_array(path))
+    path.write_bytes(b'[{"a": "caf\xe9"}, {"b": "ok \xc3\xa9"}]')
+    elements = list(iter_json_array(path))
+    assert len(elements) == 2 and elements[1].value == {"b": "ok \u00e9"}
+    records = readers.TaskRecords(path, "weight", None)
+    assert records[1] == {"b": "ok \u00e9"}  # byte spans stay exact after the bad byte
+    with pytest.raises(UnicodeDecodeError):
+        records[0]
 
 
 def test_indexing_a_large_file_keeps_memory_small(tmp_path):
