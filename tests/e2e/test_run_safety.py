@@ -189,6 +189,11 @@ def test_resume_with_more_steps_applies_the_change_and_logs_it(finished, corpus,
     changes = [json.loads(line) for line in (run_dir / "config_changes.jsonl").read_text().splitlines()]
     assert changes[0]["step"] == 3 and changes[0]["changes"]["train.max_steps"] == [3, 5]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_steps"] == 5
+    # `info` counts what `train` counts: the graph tower and projector too
+    trainable, frozen = (int(n.replace(",", "")) for n in out.split("parameters: ")[1].split(" trainable, ")[0:2]
+                         for n in [n.split()[0]])
+    assert cli_main(["info", "--config", str(config)]) == 0
+    assert f"# parameters: {trainable + frozen:,} (" in capsys.readouterr().out
     assert logged_steps(run_dir) == [(1, "train"), (2, "train"), (3, "train"), (3, "eval"), (4, "train"),
                                      (5, "train"), (5, "eval")]
 
@@ -245,6 +250,29 @@ def test_a_damaged_task_file_is_used_up_to_the_damage_when_not_strict(corpus, tm
     pipeline.check_records(say=lambda m: None)
 
 
+def test_graph_tower_calibration_skips_molecules_training_rejects(corpus):
+    config = load_config(None, [f"data.data_dir={corpus}", "data.tasks=weight/logp", "data.seq_len=256",
+                                "data.nodes_per_row=20"])
+    pipeline = Pipeline(config.data)
+    graphs = pipeline.calibration_graphs(64)
+    assert graphs and max(g.num_nodes for g in graphs) <= 20
+    sizes = [g.num_nodes for g in Pipeline(load_config(None, [f"data.data_dir={corpus}", "data.tasks=weight/logp",
+                                                              "data.seq_len=256"]).data).calibration_graphs(64)]
+    assert max(sizes) > 20  # the budget, not the data, kept them small
+
+
+def test_decoded_text_never_ends_in_half_a_character(corpus):
+    from omnimol_jax.data.tokenizer import load_chat_tokenizer
+
+    tokenizer = load_chat_tokenizer(corpus / "tokenizer")
+    ids = tokenizer.encode("caf\u00e9 \u4e2d\u6587 ok")
+    cut = [tokenizer.decode(ids[:k]) for k in range(len(ids) + 1)]
+    assert any(text.endswith("\ufffd") for text in cut)  # byte-level tokens split these characters
+    whole = [tokenizer.decode_whole_characters(ids[:k]) for k in range(len(ids) + 1)]
+    assert not any("\ufffd" in text for text in whole)
+    assert all(("caf\u00e9 \u4e2d\u6587 ok").startswith(text) for text in whole) and whole[-1] == cut[-1]
+
+
 # ------------------------------------------------------------------------------------------------ 5: bad input
 
 
@@ -263,6 +291,8 @@ def _damage(data: Path, kind: str) -> None:
         records = json.loads(raw)
         records[-1]["output"] = None
         path.write_text(json.dumps(records))
+    elif kind == "every_record":
+        path.write_text(json.dumps([dict(r, output=None) for r in json.loads(raw)]))
 
 
 def _unusable_checkpoints(run_dir: Path) -> None:
@@ -292,6 +322,10 @@ BAD_INPUTS = [
      lambda t: _damage(t["data"], "malformed"), ["logp.json", "invalid JSON"], 2),
     ("non-utf8-file-strict", STRICT_TRAIN,
      lambda t: _damage(t["data"], "non_utf8"), ["logp.json, record", "not valid UTF-8"], 2),
+    ("every-record-of-a-task-unusable", FRESH_TRAIN + ["data.data_dir={data}"],
+     lambda t: _damage(t["data"], "every_record"),
+     ["task 'logp': every record of", "missing_field: ", "data.allow_empty_tasks=true"], 2),
+    ("negative-eval-every", FRESH_TRAIN + ["train.eval_every=-5"], None, ["train.eval_every: must be >= 0"], 2),
     ("mesh-train", FRESH_TRAIN + ["mesh.data=3"], None,
      ["mesh data=3,fsdp=1,tensor=1,expert=1 needs 3 devices", "8 are available"], 2),
     ("mesh-generate", ["generate", "--checkpoint", "{final}", "--task", "logp", "--input", "CCO", "--mesh",
