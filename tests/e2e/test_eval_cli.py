@@ -166,7 +166,7 @@ def test_eval_mbr_answers_number_tasks_with_the_medoid_of_seeded_samples(corpus,
     again = tmp_path / "again"
     assert _cli([a if a != str(out) else str(again) for a in argv]) == 0
     assert (again / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()
-    assert _cli(argv[:-1] + ["1"]) == 1  # one sample is no choice: refused before anything loads
+    assert _cli(argv[:-1] + ["1"]) == 2  # one sample is no choice: refused before anything loads
 
 
 def test_eval_number_median_decodes_number_tasks_only_and_deterministically(corpus, checkpoint, tmp_path):

@@ -156,7 +156,7 @@ def test_cli_round_trip_and_errors(tmp_path, capsys):
     assert all(t.dtype.name == "bfloat16" for t in exported.values())
     shutil.rmtree(tmp_path / "hf" / "config.json", ignore_errors=True)
     (tmp_path / "hf" / "config.json").unlink()
-    assert cli_main(["import-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt2")]) == 1
+    assert cli_main(["import-hf", "--hf", str(hf_dir), "--out", str(tmp_path / "ckpt2")]) == 2  # bad input
     assert "config.json is missing" in capsys.readouterr().err
 
 
