@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -241,6 +242,7 @@ class Trainer:
         """Written at a fresh start, replacing one left by an earlier start that never reached a checkpoint (every
         process saves: the Orbax write is collective)."""
         frozen_dir = self.output_dir / "frozen"
+        self._remove_stale_partials(frozen_dir.name)
         model_ckpt.save_model_checkpoint(frozen_dir, self.config.model, model_ckpt.flat_values(self.frozen),
                                          overwrite=True,
                                          extra_metadata={"graph": dataclasses.asdict(self.config.graph),
@@ -382,7 +384,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ export
 
+    def _remove_stale_partials(self, name: str) -> None:
+        """Half-written `.<name>.partial-*` folders of a killed earlier attempt: this process holds the run lock, so
+        no other writer can own them."""
+        if self.process_index == 0:
+            for stale in self.output_dir.glob(f".{name}.partial-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+
     def export(self, state: TrainState, directory: Path) -> Path:
+        self._remove_stale_partials(Path(directory).name)
         model = nnx.merge(self.graphdef, self.layout.unflatten(state.trainable), self.frozen)
         tokenizer_dir = self.config.data.tokenizer_path()
         model_ckpt.save_omnimol_checkpoint(
