@@ -75,10 +75,12 @@ class TaskSpec:
     graph_rule: str
     output_type: str
     metric_set: str
-    # Omni-Mol release: a file whose name contains this substring (as the public code matches them).
+    # Older Omni-Mol releases: a file whose name contains this substring (as the public code matched them).
     release_file_key: str
     # When that file holds several tasks, only records with this metadata.task value belong here.
     release_metadata_task: Optional[str] = None
+    # The current release's file name (without .json) for this task alone (SPEC.md section 8).
+    release_name: Optional[str] = None
     # Mol-Instructions (molecule-oriented) file holding this task, if any.
     mol_instructions_file: Optional[str] = None
     question_pool: tuple[str, ...] = ()
@@ -107,47 +109,52 @@ _SPECS: tuple[TaskSpec, ...] = (
     # ---- Mol2Mol
     TaskSpec("forward", FAMILY_MOL2MOL, "Forward reaction prediction", "{instruction} {input}",
              RULE_FIRST_COMPONENT, OUTPUT_SELFIES, "molecule", "forward",
-             mol_instructions_file="forward_reaction_prediction.json"),
+             mol_instructions_file="forward_reaction_prediction.json", release_name="forward_prediction"),
     TaskSpec("reagent", FAMILY_MOL2MOL, "Reagent prediction", "{instruction} The reaction is {input}",
              RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "reagent",
-             mol_instructions_file="reagent_prediction.json"),
+             mol_instructions_file="reagent_prediction.json", release_name="reagent_prediction"),
     TaskSpec("retrosynthesis", FAMILY_MOL2MOL, "Retrosynthesis", "{instruction} The product is: {input}",
              RULE_PRODUCT, OUTPUT_SELFIES, "molecule", "retrosynthesis",
-             mol_instructions_file="retrosynthesis.json"),
+             mol_instructions_file="retrosynthesis.json", release_name="retrosynthesis"),
     TaskSpec("solvent", FAMILY_MOL2MOL, "Solvent prediction", _PROMPT_THE_REACTION,
-             RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "solvent"),
+             RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "solvent", release_name="solvent_pred"),
     TaskSpec("catalyst", FAMILY_MOL2MOL, "Catalyst prediction", _PROMPT_THE_REACTION,
-             RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "catalyst"),
+             RULE_REACTANT_SIDE, OUTPUT_SELFIES, "molecule", "catalyst", release_name="catalyst_pred"),
     TaskSpec("molediting", FAMILY_MOL2MOL, "Molecule editing", _PROMPT_COMPOUND,
-             RULE_INPUT, OUTPUT_SELFIES, "molecule", "molecule_editing"),
+             RULE_INPUT, OUTPUT_SELFIES, "molecule", "molecule_editing", release_name="molecule_editing"),
     # ---- Mol2Num
     TaskSpec("homolumo", FAMILY_MOL2NUM, "HOMO/LUMO prediction", _PROMPT_COMPOUND,
              RULE_INPUT, OUTPUT_NUMBER, "homolumo_mae", "property",
-             mol_instructions_file="property_prediction.json"),
+             mol_instructions_file="property_prediction.json", release_name="property_prediction"),
     TaskSpec("weight", FAMILY_MOL2NUM, "Molecular weight", _PROMPT_MOLECULE,
-             RULE_INPUT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="Molecular Weight"),
+             RULE_INPUT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="Molecular Weight",
+             release_name="Molecular_Weight"),
     TaskSpec("logp", FAMILY_MOL2NUM, "LogP", _PROMPT_MOLECULE,
-             RULE_INPUT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="LogP"),
+             RULE_INPUT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="LogP",
+             release_name="LogP"),
     TaskSpec("tpsa", FAMILY_MOL2NUM, "Topological polar surface area", _PROMPT_COMPOUND,
              RULE_FIRST_COMPONENT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit",
-             release_metadata_task="Topological Polar Surface Area"),
+             release_metadata_task="Topological Polar Surface Area", release_name="TPSA"),
     TaskSpec("yield", FAMILY_MOL2NUM, "Yield regression", _PROMPT_THE_REACTION,
-             RULE_REACTANT_SIDE, OUTPUT_NUMBER, "yield_r2", "yields_regression"),
+             RULE_REACTANT_SIDE, OUTPUT_NUMBER, "yield_r2", "yields_regression", release_name="yield_regression"),
     # ---- Mol2Text
     TaskSpec("experiment", FAMILY_MOL2TEXT, "Experimental procedure prediction",
              "{instruction}{input}. The Action Sequence: ", RULE_EXTRACTED, OUTPUT_TEXT, "procedure",
-             "exp_procedure_pred", extra_fields=("extracted_molecules",)),
+             "exp_procedure_pred", extra_fields=("extracted_molecules",), release_name="exp_procedure_pred"),
     TaskSpec("dqa", FAMILY_MOL2TEXT, "Description QA", _PROMPT_COMPOUND,
-             RULE_FIRST_COMPONENT, OUTPUT_TEXT, "caption", "3d_moit", release_metadata_task="Description"),
+             RULE_FIRST_COMPONENT, OUTPUT_TEXT, "caption", "3d_moit", release_metadata_task="Description",
+             release_name="DescriptionQA"),
     TaskSpec("molcap", FAMILY_MOL2TEXT, "Molecule captioning", "{instruction} The compound sequence is: {input}",
              RULE_INPUT, OUTPUT_TEXT, "caption", "molcap_train",
-             mol_instructions_file="molecular_description_generation.json", question_pool=MOLCAP_QUESTIONS),
+             mol_instructions_file="molecular_description_generation.json", question_pool=MOLCAP_QUESTIONS,
+             release_name="molcap"),
     # ---- Text2Mol
     TaskSpec("iupac", FAMILY_TEXT2MOL, "IUPAC name to SELFIES", "{instruction} The IUPAC name is: {input}",
-             RULE_NONE, OUTPUT_SELFIES, "molecule", "iupac"),
+             RULE_NONE, OUTPUT_SELFIES, "molecule", "iupac", release_name="IUPAC2SELFIES"),
     TaskSpec("textguidedmolgen", FAMILY_TEXT2MOL, "Text-guided molecule generation",
              "{instruction} The description is: {input}", RULE_NONE, OUTPUT_SELFIES, "molecule", "text_guided",
-             mol_instructions_file="description_guided_molecule_design.json"),
+             mol_instructions_file="description_guided_molecule_design.json",
+             release_name="text_guided_mol_generation"),
     # ---- extra Mol2Num tasks of the public code (not among the paper's 16)
     TaskSpec("complexity", FAMILY_MOL2NUM, "Molecular complexity", _PROMPT_COMPOUND,
              RULE_FIRST_COMPONENT, OUTPUT_NUMBER_IN_TEXT, "number_mae", "3d_moit", release_metadata_task="Complexity"),

@@ -295,10 +295,12 @@ def record_metadata_task(record: Any) -> Optional[str]:
 def find_task_file(data_dir: str | os.PathLike, task: str, layout: str = LAYOUT_OMNIMOL) -> tuple[Path, Optional[str]]:
     """The file holding `task` in `data_dir`, and the metadata.task value to filter it by (None: no filter).
 
-    omnimol layout: `<task>.json` (our per-task convention, no filter) if present, else the one `*.json` whose
-    name contains the release's substring (e.g. 'molcap_train', '3d_moit'); several candidates are an error
-    unless exactly one is named `<substring>.json`. mol_instructions layout: the Mol-Instructions file name,
-    found in `data_dir` or `data_dir/Molecule-oriented_Instructions`.
+    omnimol layout, in order: `<task>.json` (our per-task convention); the current release's name for the task
+    (SPEC.md section 8, e.g. `Molecular_Weight.json`, `IUPAC2SELFIES.json`; case-insensitive); else the one `*.json`
+    whose name contains the older releases' substring (e.g. 'molcap_train', '3d_moit', with the metadata.task
+    filter); several candidates are an error unless exactly one is named `<substring>.json`. mol_instructions
+    layout: the Mol-Instructions file name, found in `data_dir` or `data_dir/Molecule-oriented_Instructions`.
+    A task with no file raises FileNotFoundError listing the names looked for and the files that are there.
     """
     spec = get_task(task)
     data_dir = Path(data_dir)
@@ -318,10 +320,19 @@ def find_task_file(data_dir: str | os.PathLike, task: str, layout: str = LAYOUT_
     own = data_dir / f"{task}.json"
     if own.is_file():
         return own, None
-    names = sorted(p.name for p in data_dir.glob("*.json") if spec.release_file_key in p.name)
+    present = sorted(p.name for p in data_dir.glob("*.json"))
+    if spec.release_name:
+        current = [name for name in present if name.lower() == f"{spec.release_name.lower()}.json"]
+        if len(current) == 1:
+            return data_dir / current[0], None
+        if len(current) > 1:
+            raise FileNotFoundError(f"several files for task {task!r} in {data_dir}: {current}; keep one")
+    names = [name for name in present if spec.release_file_key in name]
     if not names:
-        raise FileNotFoundError(f"no file for task {task!r} in {data_dir}: expected {task}.json or a *.json "
-                                f"whose name contains {spec.release_file_key!r}")
+        looked_for = [f"{task}.json"] + ([f"{spec.release_name}.json"] if spec.release_name else []) \
+            + [f"*{spec.release_file_key}*.json"]
+        raise FileNotFoundError(f"no file for task {task!r} in {data_dir}: looked for {', '.join(looked_for)}; "
+                                f"the folder has {', '.join(present) if present else 'no .json files'}")
     if len(names) > 1:
         exact = [n for n in names if n == f"{spec.release_file_key}.json"]
         if len(exact) != 1:

@@ -316,3 +316,53 @@ def test_a_stream_in_which_nothing_fits_fails_with_the_reasons(data_dir, tokeniz
                              r"Check data.seq_len"):
         next(iterator)
     iterator.close()
+
+
+def _release_folder(folder, name_of):
+    """Every task's record (tests/data_records.py) x 4, train split, in files named by `name_of(spec)`; records
+    that share a file (older releases' 3d_moit.json) keep their metadata.task."""
+    from tests.data_records import RECORDS
+
+    files = collections.defaultdict(list)
+    for key, record in RECORDS.items():
+        spec = tasks.get_task(key)
+        metadata = dict(record.get("metadata", {}), split="train")
+        if spec.release_metadata_task:
+            metadata["task"] = spec.release_metadata_task
+        files[name_of(spec)].extend([dict(record, metadata=metadata)] * 4)
+    folder.mkdir()
+    for name, records in files.items():
+        (folder / f"{name}.json").write_text(json.dumps(records))
+    return folder
+
+
+@pytest.mark.parametrize("names", ["current", "older"])
+def test_every_task_is_found_under_the_release_file_names_and_yields_batches(names, tmp_path, tokenizer):
+    """SPEC.md section 8: the current release names each task's file (Molecular_Weight, IUPAC2SELFIES, ...); the
+    older releases matched substrings (3d_moit holding several tasks, yields_regression, molcap_train, ...)."""
+    older = {"homolumo": "property_prediction", "yield": "yields_regression", "molcap": "molcap_train",
+             "iupac": "iupac_to_selfies", "forward": "forward_reaction"}
+    if names == "current":
+        folder = _release_folder(tmp_path / "release", lambda spec: spec.release_name or spec.release_file_key)
+    else:
+        folder = _release_folder(tmp_path / "release", lambda spec: older.get(spec.key, spec.release_file_key))
+    # found by the release names; only these files happen to be named like our <task>.json convention
+    same_name = {"current": ["molcap", "retrosynthesis", "scf"],
+                 "older": ["catalyst", "reagent", "retrosynthesis", "scf", "solvent"]}[names]
+    assert sorted(key for key in tasks.TASK_KEYS if (folder / f"{key}.json").exists()) == same_name
+    assert set(readers.available_tasks(folder)) == set(tasks.TASK_KEYS)
+    for key in tasks.TASK_KEYS:
+        path, _ = readers.find_task_file(folder, key)
+        assert len(readers.open_task(folder, key)) == 4, (key, path.name)
+    config = make_config(folder, tasks="paper", seq_len=512, max_samples_per_row=2, batch_size=8)
+    batch = next(Pipeline(config, tokenizer).iterator())
+    assert np.asarray(batch["attention_mask"]).sum() > 0
+
+
+def test_a_missing_task_file_names_what_was_looked_for_and_what_is_there(tmp_path):
+    (tmp_path / "LogP.json").write_text("[]")
+    with pytest.raises(FileNotFoundError) as info:
+        readers.find_task_file(tmp_path, "weight")
+    message = str(info.value)
+    assert "looked for weight.json, Molecular_Weight.json, *3d_moit*.json" in message
+    assert "the folder has LogP.json" in message
