@@ -128,7 +128,7 @@ class Trainer:
                                     task_balanced=config.train.task_balanced_loss, schedule=self.schedule)
         self._train_step_fn = steps.train_step
         self.validation = Validation(config, self.pipeline.tokenizer, self.task_names, steps.eval_step, self.mesh,
-                                     say=self.say)
+                                     say=self.say, task_values=self.pipeline.values)
 
     def _open_checkpoints(self) -> RunCheckpoints:
         return RunCheckpoints(self.output_dir / "checkpoints", self.config.train.keep_checkpoints,

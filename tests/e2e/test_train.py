@@ -1,6 +1,7 @@
 """Training: exact resume (also after SIGTERM), sharded == single device, corrupt checkpoints, typos, NaN skip."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,3 +262,22 @@ def test_a_random_graph_tower_is_calibrated_and_a_loaded_one_kept(corpus, tmp_pa
                                 progress=False, log=lambda m: None))
     assert plain.keys() == calibrated.keys()
     assert all(np.all(v == (0.0 if k[-1] == "mean" else 1.0)) for k, v in plain.items())
+
+
+def test_a_task_without_test_records_leaves_validation_of_the_others_on(corpus, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    records = json.loads((data / "logp.json").read_text())
+    (data / "logp.json").write_text(json.dumps([dict(r, metadata=dict(r["metadata"], split="train"))
+                                                for r in records]))
+    config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run")
+    messages = []
+    trainer = Trainer(load_config(config, [f"data.data_dir={data}"]), progress=False, log=messages.append)
+    scalars = trainer.evaluate(trainer.initial_trainable)
+    assert any("validation leaves out 1 task(s) without test records: logp (no test records in" in m
+               for m in messages), messages
+    assert "task_loss/logp" not in scalars
+    assert {"task_loss/weight", "task_loss/forward"} <= set(scalars) and scalars["supervised_tokens"] > 0
+    trainer.evaluate(trainer.initial_trainable)
+    assert sum("validation leaves out" in m for m in messages) == 1  # said once
+    trainer.run_directory.release()
