@@ -129,7 +129,8 @@ def test_find_task_file_follows_release_names(tmp_path):
     (data / "forward_extra.json").write_text("[]")
     with pytest.raises(FileNotFoundError, match="several files for task 'forward'"):
         readers.find_task_file(data, "forward")
-    with pytest.raises(FileNotFoundError, match="contains 'yields_regression'"):
+    with pytest.raises(FileNotFoundError, match=r"looked for yield.json, yield_regression.json, "
+                                                r"\*yields_regression\*.json; the folder has 3d_moit.json"):
         readers.find_task_file(data, "yield")
     assert set(readers.available_tasks(data)) == {"molcap", "homolumo", "experiment", "weight", "logp", "dqa",
                                                   "tpsa", "complexity"}
