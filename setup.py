@@ -36,6 +36,8 @@ setup(
     extras_require={
         # torch is only for parity tests/benchmarks; this exact pin resolves to the local CPU wheel.
         "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5", "nltk>=3.8", "rouge-score>=0.1.2",
+                 # the real Llama-3 tokenizer file (llama_models/llama3/tokenizer.model) for tokenizer tests
+                 "llama-models==0.3.0",
                  # code health checks in the suite (tests/test_layers.py): exact pins keep their verdicts stable
                  "ruff==0.17.6", "import-linter==2.17"],
         # benchmarks/train_step.py compares against transformers + peft

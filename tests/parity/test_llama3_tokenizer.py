@@ -1,0 +1,92 @@
+"""The real Llama-3 tokenizer, built offline by `omnimol build-tokenizer --llama3` from the tiktoken file of the
+llama-models wheel (a test dependency): known ids, the special tokens of Llama 3.2, transformers reading the
+folder, and the chat format with its labels against transformers' own rendering of the chat template."""
+import numpy as np
+import pytest
+
+from omnimol_jax.cli import main as cli_main
+from omnimol_jax.constants import IGNORE_INDEX
+from omnimol_jax.data.tokenizer import load_chat_tokenizer
+from omnimol_jax.tasks import SYSTEM_PROMPT
+
+pytestmark = pytest.mark.xdist_group("llama3_tokenizer")  # the module fixture is built once
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama3") / "tokenizer"
+    assert cli_main(["build-tokenizer", "--llama3", "--out", str(out)]) == 0
+    return out
+
+
+def test_known_ids_and_the_special_tokens_of_llama_3_2(llama3):
+    tokenizer = load_chat_tokenizer(llama3)
+    assert tokenizer.encode("Hello world") == [9906, 1917]
+    assert tokenizer.encode("\n\n\n") == [1432] and tokenizer.encode("\n\n") == [271]
+    assert tokenizer.vocab_size == 128_256
+    ids = {name: tokenizer.tokenizer.token_to_id(name) for name in (
+        "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+        "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|reserved_special_token_247|>")}
+    assert list(ids.values()) == [128000, 128001, 128004, 128006, 128007, 128008, 128009, 128255]
+    assert (tokenizer.bos_id, tokenizer.eot_id, tokenizer.pad_id) == (128000, 128009, 128004)
+    assert tokenizer.decode([9906, 1917]) == "Hello world"
+
+
+def test_the_chat_format_with_double_bos_matches_the_chat_template_and_labels_only_the_answer(llama3):
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(llama3))
+    assert auto("Hello world").input_ids == [128000, 9906, 1917]
+    chat = load_chat_tokenizer(llama3, double_bos=True)
+    question, answer = "What is the LogP of [C][C][O]?", "The LogP of this molecule is -0.00."
+    encoded = chat.encode_chat(question, answer)
+    text = auto.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                     {"role": "user", "content": question},
+                                     {"role": "assistant", "content": answer}], tokenize=False)
+    # The public code tokenizes the rendered template with special tokens on: its BOS comes in front of the
+    # template's own, so the released checkpoints saw two.
+    reference = auto(text).input_ids
+    assert reference[:2] == [128000, 128000]
+    assert encoded.input_ids.tolist() == reference
+    supervised = [int(t) for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+    assert supervised == auto(answer, add_special_tokens=False).input_ids + [128009]
+    assert np.array_equal(encoded.labels[encoded.labels != IGNORE_INDEX], supervised)
+    single = load_chat_tokenizer(llama3, double_bos=False).encode_chat(question, answer)
+    assert single.input_ids.tolist() == reference[1:]
+
+
+def test_a_bad_model_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "tokenizer.model"
+    bad.write_text("not base64 at all\n")
+    assert cli_main(["build-tokenizer", "--llama3", "--out", str(tmp_path / "out"), "--model-file", str(bad)]) == 2
+    assert f"{bad}:1: not a tiktoken line" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_leading_newline_merges_across_the_header_as_whole_string_tokenization_does(llama3):
+    """The reference tokenizes the rendered conversation whole (cut only at <image>): '\\n\\n' + '\\nanswer' is one
+    token 1432 ('\\n\\n\\n') after <|end_header_id|>, and it belongs to the prompt (not supervised)."""
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(str(llama3))
+    chat = load_chat_tokenizer(llama3, double_bos=True)
+    for user, answer in (("<image>\nWhat is it?", "\nIt is ethanol."), ("\nA text-only question?", "\n\nYes.")):
+        encoded = chat.encode_chat(user, answer)
+        text = auto.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT},
+                                         {"role": "user", "content": user},
+                                         {"role": "assistant", "content": answer}], tokenize=False)
+        before, after = text.split("<image>") if "<image>" in text else (text, None)
+        reference = auto(before).input_ids + ([] if after is None else [-200] + auto(after,
+                                                                                   add_special_tokens=False).input_ids)
+        assert encoded.input_ids.tolist() == reference
+        ids = encoded.input_ids.tolist()
+        header = len(ids) - 1 - ids[::-1].index(128007)  # the assistant header's end
+        newlines = "\n\n" + answer[:len(answer) - len(answer.lstrip("\n"))]
+        assert [ids[header + 1]] == auto(newlines, add_special_tokens=False).input_ids  # one merged token
+        assert encoded.labels[header + 1] == IGNORE_INDEX  # the merged run is the prompt's
+        supervised = [int(t) for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+        assert supervised == auto(answer.lstrip("\n"), add_special_tokens=False).input_ids + [128009]
+    assert auto("\n\n\n", add_special_tokens=False).input_ids == [1432]
+    # the text-only user turn's leading newline merges with the user header's '\n\n' too
+    user_header = chat.encode_prompt("\nA text-only question?").input_ids.tolist()
+    assert user_header[user_header.index(128007, 5) + 1] == 1432
