@@ -90,3 +90,40 @@ def test_a_leading_newline_merges_across_the_header_as_whole_string_tokenization
     # the text-only user turn's leading newline merges with the user header's '\n\n' too
     user_header = chat.encode_prompt("\nA text-only question?").input_ids.tolist()
     assert user_header[user_header.index(128007, 5) + 1] == 1432
+
+
+def _reference_ids(auto, user: str, answer: str) -> list[int]:
+    """What the public code feeds the model: the rendered chat template cut at <image> (-200 in its place), the
+    first chunk tokenized with its BOS, the rest without."""
+    text = auto.apply_chat_template([{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user},
+                                     {"role": "assistant", "content": answer}], tokenize=False)
+    chunks = text.split("<image>")
+    ids = auto(chunks[0]).input_ids
+    for chunk in chunks[1:]:
+        ids += [-200] + auto(chunk, add_special_tokens=False).input_ids
+    return ids
+
+
+def test_one_prompt_per_task_gives_the_ids_written_down(llama3):
+    """tests/parity/data/llama3_task_ids.json: the ids (and supervised ids) of each task's record in
+    tests/data_records.py, written down once; they must also equal the reference rendering above."""
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from omnimol_jax import tasks
+    from tests.data_records import RECORDS
+
+    expected = json.loads((Path(__file__).parent / "data" / "llama3_task_ids.json").read_text())
+    assert set(expected) == set(RECORDS) == set(tasks.TASK_KEYS)
+    auto = AutoTokenizer.from_pretrained(str(llama3))
+    chat = load_chat_tokenizer(llama3, double_bos=True)
+    for key, record in RECORDS.items():
+        spec = tasks.get_task(key)
+        user, answer = tasks.user_message(spec, record, 0), tasks.answer_text(spec, record)
+        encoded = chat.encode_chat(user, answer)
+        supervised = [int(t) for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
+        assert encoded.input_ids.tolist() == expected[key]["input_ids"], key
+        assert supervised == expected[key]["supervised"], key
+        assert encoded.input_ids.tolist() == _reference_ids(auto, user, answer), key
