@@ -119,8 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         message, code, expected = describe(err)
         hint = "" if expected else " (an unexpected error: rerun with --debug for the traceback)"
         print(f"error: {message}{hint}", file=sys.stderr)
-        if program:  # reported: the failed writes that asyncio reports again at exit add nothing
-            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+        if program:  # reported: what Orbax's writer threads and asyncio report again at exit adds nothing
+            for name in ("asyncio", "absl"):
+                logging.getLogger(name).setLevel(logging.CRITICAL)
         return code
 
 

@@ -418,16 +418,18 @@ def test_a_full_disk_during_a_save_says_so_and_the_previous_checkpoint_restores(
         free = shutil.disk_usage(mount).free
         with open(filler, "wb") as f:
             f.write(b"\0" * (free - 96 * 1024))
-        assert cli_main(["train", "--config", str(config), "--no-progress"]) == 1
-        out, err = capfd.readouterr()
-        lines = err.strip().splitlines()
-        assert "Traceback" not in out + err
+        # Separate processes, as a real rerun: the failed save's writer threads die with their process.
+        command = [sys.executable, "-m", "omnimol_jax.cli", "train", "--config", str(config), "--no-progress"]
+        failed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        lines = failed.stderr.strip().splitlines()
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        assert "Traceback" not in failed.stdout + failed.stderr
         assert lines[-1].startswith("error: saving the checkpoint of step 3 in "), lines[-1]
         assert "disk full" in lines[-1] and "the previous checkpoint (step 2) is intact" in lines[-1]
         filler.unlink()
-        messages = []
-        result = Trainer(load_config(config), progress=False, log=messages.append).run()
-        assert "resumed from checkpoint step 2" in messages and result.final_step == 4
+        resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from checkpoint step 2" in resumed.stdout and "stopped at step 4 (max_steps)" in resumed.stdout
     finally:
         gc.collect()  # the failed save's writers may still hold files open: -l detaches the mount regardless
         subprocess.run(["umount", "-l", str(mount)], check=True)
