@@ -1,6 +1,7 @@
 """Run safety: a finished or interrupted run completes on rerun, one writer per run directory, config changes
 are checked on resume, task files can be rebuilt under a reader, and every bad input is one line on stderr with a
 non-zero exit and nothing left behind (a table over the inputs of issue #16, item 5), including a full disk."""
+import contextlib
 import gc
 import json
 import os
@@ -383,31 +384,33 @@ def test_bad_input_is_one_line_a_nonzero_exit_and_nothing_left_behind(case, work
     assert tree(workspace["tmp"]) - before <= {"run/" + LOCK_FILE}, "files left behind"
 
 
-def test_the_read_only_output_directory_is_one_line(finished, corpus, tmp_path, capfd):
-    target = tmp_path / "ro"
-    target.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(target)],
+@contextlib.contextmanager
+def tmpfs(path: Path, options: str):
+    """A small tmpfs at `path` (skips the test where `mount` is not allowed, e.g. not root)."""
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
                       capture_output=True).returncode != 0:
-        pytest.skip("needs root (mount) to make a directory read-only for root")
+        pytest.skip("needs root (mount) for a small or read-only tmpfs")
     try:
+        yield path
+    finally:
+        gc.collect()  # a failed save's writers may still hold files open: -l detaches the mount regardless
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def test_the_read_only_output_directory_is_one_line(finished, corpus, tmp_path, capfd):
+    with tmpfs(tmp_path / "ro", "size=1m,ro") as target:
         config = write_config(tmp_path / "config.yaml", corpus, target / "run")
         assert cli_main(["train", "--config", str(config), "--no-progress"]) == 2
         lines = capfd.readouterr().err.strip().splitlines()
         assert lines[-1] == f"error: train.output_dir: cannot create {target / 'run'}: Read-only file system"
-    finally:
-        subprocess.run(["umount", "-l", str(target)], check=True)
 
 
 # ------------------------------------------------------------------------------------------------ disk full
 
 
 def test_a_full_disk_during_a_save_says_so_and_the_previous_checkpoint_restores(finished, corpus, tmp_path, capfd):
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("needs root (mount) for a small tmpfs")
-    try:
+    with tmpfs(tmp_path / "small", "size=24m") as mount:
         run_dir = mount / "run"
         shutil.copytree(finished, run_dir)
         shutil.rmtree(run_dir / "final")
@@ -430,6 +433,3 @@ def test_a_full_disk_during_a_save_says_so_and_the_previous_checkpoint_restores(
         resumed = subprocess.run(command, capture_output=True, text=True, timeout=600)
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         assert "resumed from checkpoint step 2" in resumed.stdout and "stopped at step 4 (max_steps)" in resumed.stdout
-    finally:
-        gc.collect()  # the failed save's writers may still hold files open: -l detaches the mount regardless
-        subprocess.run(["umount", "-l", str(mount)], check=True)
