@@ -216,6 +216,7 @@ class GraphConfig:
 
 
 BATCHING_MODES = ("pack", "bucket", "pad")
+OVERLONG_MODES = ("reject", "truncate")
 MIXTURE_MODES = ("concat", "weighted")
 
 
@@ -252,6 +253,10 @@ class DataConfig:
     process_index: Optional[int] = None  # None: jax.process_index()
     process_count: Optional[int] = None  # None: jax.process_count()
     molcap_drop_selfies_if_too_long: bool = True  # as the public code: retry molcap with the question only
+    # A sample longer than seq_len: 'reject' skips it (counted per task as too_long); 'truncate' keeps its first
+    # seq_len tokens, as the public code does (counted per task as truncated; one whose answer starts beyond
+    # seq_len has nothing to learn from and is still rejected).
+    overlong: str = "reject"
     # Fail (naming the reasons) after this many rejected records in a row, instead of cycling forever through
     # a stream in which nothing fits (e.g. seq_len far too short).
     max_consecutive_rejections: int = 5000
@@ -263,6 +268,7 @@ class DataConfig:
         _require(self.batching in BATCHING_MODES, "data.batching",
                  f"{self.batching!r} is not one of {BATCHING_MODES}")
         _require(self.split in SPLITS, "data.split", f"{self.split!r} is not one of {SPLITS}")
+        _require(self.overlong in OVERLONG_MODES, "data.overlong", f"{self.overlong!r} is not one of {OVERLONG_MODES}")
         _require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.max_samples_per_row >= 1, "data.max_samples_per_row", "must be >= 1")

@@ -48,6 +48,7 @@ REASON_WRONG_TYPE = "wrong_type"
 REASON_EMPTY_ANSWER = "empty_answer"
 REASON_BAD_MOLECULE = "unparseable_molecule"
 REASON_TOO_LONG = "too_long"
+REASON_TRUNCATED = "truncated"  # not a skip: an over-long sample kept cut at seq_len (data.overlong=truncate)
 SKIP_REASONS = (REASON_MALFORMED, REASON_MISSING_FIELD, REASON_WRONG_TYPE, REASON_EMPTY_ANSWER,
                 REASON_BAD_MOLECULE, REASON_TOO_LONG)
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import grain
 
+from omnimol_jax.data.readers import REASON_TOO_LONG, REASON_TRUNCATED
 from omnimol_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class AcceptedIterator(grain.DatasetIterator):
                         "data.nodes_per_row and the data files.")
                 continue
             element = dict(element)
+            if "_truncated" in element:  # kept, but counted like the skipped records
+                self._pending.append(list(element.pop("_truncated")))
             element["rejections"] = self._pending
             self._pending = []
             return element
@@ -97,7 +100,8 @@ def find_accepted_iterator(iterator: Any) -> Optional[AcceptedIterator]:
 
 
 class BadRecordStats:
-    """Skipped records counted per task and reason; the first few of each kind are logged."""
+    """Skipped records counted per task and reason, and over-long samples kept truncated (reason 'truncated');
+    the first few of each kind are logged."""
 
     def __init__(self, max_logged: int = 3):
         self.max_logged = max_logged
@@ -111,18 +115,32 @@ class BadRecordStats:
         bucket = self.examples.setdefault(f"{task}/{reason}", [])
         if len(bucket) < self.max_logged:
             bucket.append(f"{path} record {record_index}: {message}")
-            logger.warning("skipped a bad record (%s, %s): %s record %s: %s", task, reason, path, record_index,
-                           message)
+            what = "kept an over-long sample cut" if reason == REASON_TRUNCATED else "skipped a bad record"
+            logger.warning("%s (%s, %s): %s record %s: %s", what, task, reason, path, record_index, message)
 
     @property
     def total(self) -> int:
-        return sum(self.counts.values())
+        """Records skipped (truncated ones were kept, and do not count)."""
+        return sum(c for (_, reason), c in self.counts.items() if reason != REASON_TRUNCATED)
 
     def by_task(self) -> dict[str, dict[str, int]]:
+        """{task: {reason: skipped records}} (truncated samples are in `truncated_by_task`)."""
         out: dict[str, dict[str, int]] = {}
         for (task, reason), count in sorted(self.counts.items()):
-            out.setdefault(task, {})[reason] = count
+            if reason != REASON_TRUNCATED:
+                out.setdefault(task, {})[reason] = count
         return out
+
+    def truncated_by_task(self) -> dict[str, int]:
+        return {task: count for (task, reason), count in sorted(self.counts.items()) if reason == REASON_TRUNCATED}
+
+    def overlong_by_task(self) -> dict[str, int]:
+        """Over-long samples per task, whichever data.overlong did with them (rejected or truncated)."""
+        out: dict[str, int] = {}
+        for (task, reason), count in self.counts.items():
+            if reason in (REASON_TOO_LONG, REASON_TRUNCATED):
+                out[task] = out.get(task, 0) + count
+        return dict(sorted(out.items()))
 
     def to_dict(self) -> dict:
         return {"counts": [[t, r, c] for (t, r), c in sorted(self.counts.items())], "examples": self.examples}

@@ -11,19 +11,21 @@ import numpy as np
 from omnimol_jax import tasks
 from omnimol_jax.config import DataConfig
 from omnimol_jax.constants import (
+    IGNORE_INDEX,
     IMAGE_PLACEHOLDER,
     NUM_ATOM_FEATURES,
     NUM_BOND_FEATURES,
 )
 from omnimol_jax.data import molecules, readers
 from omnimol_jax.data.featurize import FeaturizationError, MolGraph
-from omnimol_jax.data.graph_slots import GraphSlotError, expand_image_placeholder
+from omnimol_jax.data.graph_slots import GraphSlotError, count_graph_slots, expand_image_placeholder
 from omnimol_jax.data.rejections import Rejection
 from omnimol_jax.data.tokenizer import ChatTokenizer, TokenizerError
 
 
 class SampleBuilder:
-    """(task index, record index, stream position) -> sample arrays, or {'_rejected': Rejection fields}.
+    """(task index, record index, stream position) -> sample arrays, or {'_rejected': Rejection fields}; a sample
+    cut at seq_len (data.overlong=truncate) also carries '_truncated': Rejection fields, to be counted.
 
     Sample: input_ids / labels int32 [L] (graph slots expanded), task_id int32 [1] (the task's index in the
     pipeline's `task_keys`), node_features int32 [N, F], edge_index int32 [E, 2] (local atom indices),
@@ -93,9 +95,18 @@ class SampleBuilder:
                                            answer, num_nodes)
         except (TokenizerError, GraphSlotError) as err:  # e.g. a literal "<image>" inside the record's text
             self._fail(spec, source, record_index, readers.REASON_MALFORMED, str(err))
+        truncated = None
         if len(ids) > self.config.seq_len:
-            self._fail(spec, source, record_index, readers.REASON_TOO_LONG,
-                       f"{len(ids)} tokens (with {num_nodes} graph slots) > seq_len {self.config.seq_len}")
+            too_long = f"{len(ids)} tokens (with {num_nodes} graph slots) > seq_len {self.config.seq_len}"
+            if self.config.overlong != "truncate":
+                self._fail(spec, source, record_index, readers.REASON_TOO_LONG, too_long)
+            ids, labels = ids[:self.config.seq_len], labels[:self.config.seq_len]
+            # The graph sits in the prompt, before the answer: a cut that keeps an answer token keeps every slot.
+            if not np.any(labels != IGNORE_INDEX) or count_graph_slots(ids) != num_nodes:
+                self._fail(spec, source, record_index, readers.REASON_TOO_LONG,
+                           f"{too_long}, and cut there no answer token is left")
+            truncated = Rejection(spec.key, readers.REASON_TRUNCATED, source.path, source.record_index(record_index),
+                                  f"{too_long}: cut to seq_len").to_list()
         if graph is None:
             nodes = np.zeros((0, self.num_atom_features), np.int32)
             edge_index = np.zeros((0, 2), np.int32)
@@ -103,9 +114,12 @@ class SampleBuilder:
         else:
             nodes, edge_index, edges = graph.node_features, np.ascontiguousarray(graph.edge_index.T), \
                 graph.edge_features
-        return {"input_ids": ids, "labels": labels, "task_id": np.array([task_index], np.int32),
-                "node_features": nodes.astype(np.int32), "edge_index": edge_index.astype(np.int32),
-                "edge_features": edges.astype(np.int32)}
+        sample = {"input_ids": ids, "labels": labels, "task_id": np.array([task_index], np.int32),
+                  "node_features": nodes.astype(np.int32), "edge_index": edge_index.astype(np.int32),
+                  "edge_features": edges.astype(np.int32)}
+        if truncated is not None:
+            sample["_truncated"] = truncated  # counted with the skipped records (see rejections.py)
+        return sample
 
     def _encode(self, user_message: str, answer: str, num_nodes: int) -> tuple[np.ndarray, np.ndarray]:
         encoded = self.tokenizer.encode_chat(user_message, answer)

@@ -344,7 +344,12 @@ class Trainer:
             plots = plot_run(self.output_dir, self.task_names, run.expert_usage)
             summary = {"final_step": step, "stopped_by": stopped_by, "skipped_steps": int(run.state.skipped_total),
                        "peak_flops_per_device": run.peak_flops, "peak_source": run.peak_source,
-                       "plots": [str(p) for p in plots], "bad_records": data.stats.by_task()}
+                       "plots": [str(p) for p in plots], "bad_records": data.stats.by_task(),
+                       "truncated_records": data.stats.truncated_by_task()}
+            overlong = data.stats.overlong_by_task()
+            if overlong:
+                self.say(f"over-long samples (> data.seq_len {self.config.data.seq_len}, data.overlong="
+                         f"{self.config.data.overlong}): " + ", ".join(f"{t} {n}" for t, n in overlong.items()))
             (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         return RunResult(step, stopped_by, step, self.output_dir, run.losses, final_state=run.state,
                          signal=signal_hook.received_number if stopped_by == "signal" else None)

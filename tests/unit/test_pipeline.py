@@ -271,6 +271,39 @@ def test_bad_records_are_counted_per_task_and_reason(data_dir, tokenizer, tmp_pa
             pass
 
 
+def test_overlong_samples_are_rejected_or_truncated_and_counted_per_task(data_dir, tokenizer, tmp_path):
+    good = json.loads((data_dir / "molcap.json").read_text())[:4]
+    for record in good:
+        record["metadata"]["split"] = "train"
+    long_answer = {**good[0], "output": "The molecule is an acid. " * 80}  # the answer crosses seq_len
+    long_prompt = {**good[1], "input": "[C]" * 300}  # the graph alone fills seq_len: no answer token would fit
+    _write(tmp_path / "molcap.json", good + [long_answer, long_prompt])
+    outcomes = {}
+    for mode in ("reject", "truncate"):
+        config = make_config(tmp_path, tasks="molcap", batching="pad", num_epochs=1, shuffle=False, overlong=mode,
+                             nodes_per_row=320, edges_per_row=700)  # the atom budget lets the 300-atom graph in
+        iterator = Pipeline(config, tokenizer).iterator()
+        rows = [(ids, labels) for b in iterator for ids, labels, task in
+                zip(np.asarray(b["input_ids"]), np.asarray(b["labels"]), np.asarray(b["task_ids"]))
+                if (task >= 0).any()]
+        outcomes[mode] = rows, iterator.stats
+    rows, stats = outcomes["reject"]
+    assert len(rows) == len(good)
+    assert stats.by_task() == {"molcap": {"too_long": 2}} and stats.truncated_by_task() == {}
+    assert stats.overlong_by_task() == {"molcap": 2}
+    rows, stats = outcomes["truncate"]
+    assert len(rows) == len(good) + 1
+    assert stats.by_task() == {"molcap": {"too_long": 1}} and stats.truncated_by_task() == {"molcap": 1}
+    assert stats.overlong_by_task() == {"molcap": 2} and stats.total == 1
+    assert "answer token is left" in stats.examples["molcap/too_long"][0]
+    # the kept sample fills the row, its answer supervised up to the cut
+    full = [(ids, labels) for ids, labels in rows if (ids != tokenizer.pad_id).all()]
+    assert len(full) == 1 and full[0][1][-1] != IGNORE_INDEX
+    assert tokenizer.decode([t for t in full[0][1] if t != IGNORE_INDEX]).startswith("The molecule is an acid.")
+    with pytest.raises(ValueError, match=r"data.overlong"):
+        make_config(tmp_path, overlong="drop").validate()
+
+
 def test_device_placement_with_a_batch_sharding(data_dir, tokenizer):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(8), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
