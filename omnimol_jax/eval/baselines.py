@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from omnimol_jax.data import readers
+from omnimol_jax.eval.answers import EOT
 from omnimol_jax.eval.metrics import compute_metrics_from_records
 from omnimol_jax.eval.number_metrics import homolumo_property, number_in_text_parser
 from omnimol_jax.tasks import get_task
@@ -38,7 +39,8 @@ def train_mean_baselines(results: dict, store, task_ids: dict[str, list[str]], d
         for record in store.for_task(task, order=[i for i in task_ids[task] if i in store]):
             key = homolumo_property(record.get("instruction", ""), record["id"]) if task == "homolumo" else ""
             if key in means:
-                records.append(dict(record, prediction=f"{means[key]:.6g}", predictions=None))
+                answer = f"{means[key]:.6g}"
+                records.append(dict(record, prediction=answer, raw=answer + EOT, predictions=None))
         if records:
             baselines[task + BASELINE_SUFFIX] = compute_metrics_from_records(
                 task, [{k: v for k, v in r.items() if k != "predictions"} for r in records], protocols,

@@ -13,17 +13,18 @@ Every result also carries the counts n, n_valid, n_failed (molecule: invalid pre
 unparseable predictions; text: empty predictions, which are scored like any other). All values are
 fractions or raw units (the public code prints the experiment shares and validity in percent).
 
-Text metrics (public `calc_mocap_metrics` / `calc_exp_metrics`): BLEU-2 = corpus BLEU with weights
-(0.5, 0.5) and BLEU-4 with (0.25,)*4 on tokenizer pieces (`tokenize_fn`, default: whitespace split; pass
-e.g. a Hugging Face tokenizer's `tokenize` to get the public 'tokenizer pieces'); METEOR = mean of the
-per-record METEOR on the same pieces (exact + Porter-stem stages; WordNet synonyms only when `synonyms`
-is given, see text_metrics); ROUGE-1/2/L = mean F-measure on the raw strings with rouge_score's default
-tokenizer. In the reference protocol the token lists are cut to 512 pieces, as the public
-`tokenizer.tokenize(..., truncation=True, max_length=512)` does; strict keeps them whole. The
-experiment shares lev_ge_t are the fraction of records whose normalised Levenshtein similarity
-(1 - d / max length) between the prediction and the target STRING is >= t. The public code passes a
-list holding the reference token list against the hypothesis token list to textdistance, which scores
-every record 0 (a bug); we compute what the copied paragraph2actions function computes on strings.
+Text metrics (public `calc_mocap_metrics` / `calc_exp_metrics`, through the libraries it calls; see
+text_metrics): BLEU-2 = corpus BLEU with weights (0.5, 0.5) and BLEU-4 with (0.25,)*4 on tokenizer pieces
+(`tokenize_fn`, default: whitespace split with `<|...|>` tokens as pieces of their own; `omnimol eval` passes the
+model tokenizer's pieces, as the public code does); METEOR = mean of NLTK's per-record METEOR on the same pieces
+with WordNet 3.0 synonyms (eval/wordnet.py); ROUGE-1/2/L = mean F-measure on the answer strings with
+rouge_score's default tokenizer. In the reference protocol the answer is the raw decoded text (eval/answers.py),
+its pieces are cut to 512 as the public `tokenizer.tokenize(..., truncation=True, max_length=512)` does and
+`<|eot_id|>` pieces are dropped; strict keeps the pieces whole. The experiment shares lev_ge_t are the fraction of
+records whose normalised Levenshtein similarity (1 - d / max length) between the answer (reference protocol: the
+text before `<|eot_id|>`) and the target STRING is >= t. The public code passes a list holding the reference
+token list against the hypothesis token list to textdistance, which scores every record 0 (a bug); we compute
+what the copied paragraph2actions function computes on strings.
 """
 from __future__ import annotations
 
@@ -31,17 +32,17 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
+from omnimol_jax.eval.answers import EOT, drop_eot_pieces, protocol_answer, record_answers, split_special_tokens
 from omnimol_jax.eval.mol_metrics import PROTOCOL_REFERENCE, PROTOCOLS, check_protocol, molecule_metrics
 from omnimol_jax.eval.number_metrics import homolumo_metrics, homolumo_property, number_in_text_metrics, yield_metrics
 from omnimol_jax.eval.text_metrics import (
     BLEU2_WEIGHTS,
     BLEU4_WEIGHTS,
-    SynonymFn,
     corpus_bleu,
+    default_wordnet,
     meteor_score,
     normalized_levenshtein_similarity,
     rouge_scores,
-    whitespace_tokenize,
 )
 from omnimol_jax.tasks import METRIC_SETS, get_task
 
@@ -60,26 +61,31 @@ def _as_text(value: Any, what: str, record: str) -> str:
 
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str], protocol: str, record_ids: Sequence[str],
-                 tokenize_fn: Optional[TokenizeFn] = None, synonyms: Optional[SynonymFn] = None,
+                 tokenize_fn: Optional[TokenizeFn] = None, wordnet: Optional[object] = None,
                  levenshtein_shares: bool = False) -> dict[str, float]:
     """Caption-style metrics (and, with `levenshtein_shares`, the experiment-procedure shares)."""
     check_protocol(protocol)
-    tokenize = tokenize_fn or whitespace_tokenize
-    limit = REFERENCE_MAX_TOKENS if protocol == PROTOCOL_REFERENCE else None
+    tokenize = tokenize_fn or split_special_tokens
+    reference_protocol = protocol == PROTOCOL_REFERENCE
+    limit = REFERENCE_MAX_TOKENS if reference_protocol else None
+    wordnet = wordnet if wordnet is not None else default_wordnet()
     hypotheses, reference_lists, meteors, rouges, similarities = [], [], [], [], []
     n_failed = 0
     for prediction, reference, record in zip(predictions, references, record_ids):
         prediction = _as_text(prediction, "prediction", record)
         reference = _as_text(reference, "reference", record)
-        n_failed += not prediction.strip()
+        n_failed += not prediction.split(EOT)[0].strip()
         hypothesis_tokens = list(tokenize(prediction))[:limit]
         reference_tokens = list(tokenize(reference))[:limit]
+        if reference_protocol:
+            hypothesis_tokens, reference_tokens = drop_eot_pieces(hypothesis_tokens), drop_eot_pieces(reference_tokens)
         hypotheses.append(hypothesis_tokens)
         reference_lists.append([reference_tokens])
-        meteors.append(meteor_score([reference_tokens], hypothesis_tokens, synonyms=synonyms))
+        meteors.append(meteor_score([reference_tokens], hypothesis_tokens, wordnet=wordnet))
         rouges.append(rouge_scores(reference, prediction))
         if levenshtein_shares:
-            similarities.append(normalized_levenshtein_similarity(prediction, reference))
+            answer = prediction.split(EOT)[0] if reference_protocol else prediction
+            similarities.append(normalized_levenshtein_similarity(answer, reference))
     metrics = {
         "bleu2": corpus_bleu(reference_lists, hypotheses, BLEU2_WEIGHTS),
         "bleu4": corpus_bleu(reference_lists, hypotheses, BLEU4_WEIGHTS),
@@ -99,17 +105,20 @@ def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequ
                          protocol: str = PROTOCOL_REFERENCE, *, tokenize_fn: Optional[TokenizeFn] = None,
                          record_ids: Optional[Sequence[Any]] = None, instructions: Optional[Sequence[str]] = None,
                          groups: Optional[Sequence[str]] = None,
-                         synonyms: Optional[SynonymFn] = None) -> dict[str, float]:
+                         wordnet: Optional[object] = None) -> dict[str, float]:
     """Metrics of one task's predictions under one protocol ('reference' or 'strict').
 
-    predictions   decoded model outputs, stop tokens removed, one per record
+    predictions   the answers, one per record: in the reference protocol as decoded with special tokens kept (the
+                  raw form; eval/answers.py cuts molecule and number answers at the first <|eot_id|>), in the
+                  strict protocol cleaned (special tokens dropped, stripped)
     references    the records' `output` values (SELFIES, text, or numbers / numeric strings)
     tokenize_fn   text -> pieces for BLEU/METEOR of text tasks (default: whitespace split)
     record_ids    names used in error messages (default: the record's index)
     instructions  homolumo only: the questions, to tell HOMO / LUMO / gap apart (unless `groups` is given)
     groups        homolumo: the property of each record (HOMO, LUMO, gap); yield: the dataset of each record
                   (e.g. 'BH', 'SM'), giving r2_BH, r2_SM; ignored otherwise
-    synonyms      text tasks: optional WordNet-style synonym function for METEOR's third stage
+    wordnet       text tasks: METEOR's WordNet (default: WordNet 3.0, see eval/wordnet.py;
+                  `text_metrics.EmptyWordNet()` scores without synonyms)
     """
     spec = get_task(task)
     check_protocol(protocol)
@@ -122,6 +131,7 @@ def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequ
     if len(ids) != n:
         raise ValueError(f"task {task}: {n} predictions but {len(ids)} record ids")
     ids = [f"{r} (task {task})" for r in ids]
+    predictions = [protocol_answer(task, p, protocol) if isinstance(p, str) else p for p in predictions]
     for name, values in (("instructions", instructions), ("groups", groups)):
         if values is not None and len(values) != n:
             raise ValueError(f"task {task}: {n} predictions but {len(values)} {name}")
@@ -143,7 +153,7 @@ def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequ
     elif metric_set == "yield_r2":
         result = yield_metrics(predictions, references, protocol, ids, groups)
     elif metric_set in ("caption", "procedure"):
-        result = text_metrics(predictions, references, protocol, ids, tokenize_fn, synonyms,
+        result = text_metrics(predictions, references, protocol, ids, tokenize_fn, wordnet,
                               levenshtein_shares=metric_set == "procedure")
     else:
         raise ValueError(f"task {task}: no evaluation for metric set {metric_set!r}")
@@ -163,7 +173,8 @@ def compute_task_metrics_both(task: str, predictions: Sequence[str], references:
 def compute_metrics_from_records(task: str, records: Sequence[Mapping[str, Any]],
                                  protocols: Sequence[str] = PROTOCOLS, **kwargs) -> dict[str, dict[str, float]]:
     """Metrics from prediction records as `report.PredictionStore` keeps them: each a mapping with
-    'id', 'prediction', 'reference' and optionally 'instruction' (homolumo) and 'group' (homolumo
+    'id', 'prediction', 'reference' and optionally 'raw' (the answer decoded with special tokens kept, read by
+    the reference protocol; see eval/answers.py), 'instruction' (homolumo) and 'group' (homolumo
     property / yield dataset)."""
     for i, record in enumerate(records):
         for key in ("prediction", "reference"):
@@ -174,7 +185,7 @@ def compute_metrics_from_records(task: str, records: Sequence[Mapping[str, Any]]
     if any("instruction" in r for r in records):
         kwargs.setdefault("instructions", [r.get("instruction", "") for r in records])
     kwargs.setdefault("record_ids", [r.get("id", i) for i, r in enumerate(records)])
-    predictions = [r["prediction"] for r in records]
     references = [r["reference"] for r in records]
-    return {protocol: compute_task_metrics(task, predictions, references, protocol, **kwargs)
+    return {protocol: compute_task_metrics(task, record_answers(records, protocol)[0], references, protocol,
+                                           **kwargs)
             for protocol in protocols}

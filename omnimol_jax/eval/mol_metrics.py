@@ -103,13 +103,33 @@ def mol_to_inchi(mol: Chem.Mol) -> str:
         return ""
 
 
+def fingerprints(mol: Chem.Mol) -> tuple:
+    """(MACCS keys, RDKit path fingerprint, Morgan r=2 count fingerprint) of a molecule."""
+    return MACCSkeys.GenMACCSKeys(mol), Chem.RDKFingerprint(mol), _MORGAN.GetSparseCountFingerprint(mol)
+
+
+_FINGERPRINTS: dict[str, tuple] = {}
+_FINGERPRINT_CACHE_SIZE = 16384
+
+
+def cached_fingerprints(parsed: "ParsedMolecule") -> tuple:
+    """Fingerprints keyed by canonical SMILES (equal SMILES, equal fingerprints): a target, and often a prediction,
+    recurs across the two protocols, and fingerprinting is most of the molecule metrics' time."""
+    found = _FINGERPRINTS.get(parsed.canonical_smiles)
+    if found is None:
+        if len(_FINGERPRINTS) >= _FINGERPRINT_CACHE_SIZE:
+            _FINGERPRINTS.pop(next(iter(_FINGERPRINTS)))  # oldest first
+        found = _FINGERPRINTS[parsed.canonical_smiles] = fingerprints(parsed.mol)
+    return found
+
+
 def tanimoto_similarities(pred: Chem.Mol, target: Chem.Mol) -> tuple[float, float, float]:
     """(MACCS, RDKit, Morgan count) Tanimoto similarity."""
-    maccs = DataStructs.TanimotoSimilarity(MACCSkeys.GenMACCSKeys(target), MACCSkeys.GenMACCSKeys(pred))
-    rdk = DataStructs.TanimotoSimilarity(Chem.RDKFingerprint(target), Chem.RDKFingerprint(pred))
-    morgan = DataStructs.TanimotoSimilarity(_MORGAN.GetSparseCountFingerprint(target),
-                                            _MORGAN.GetSparseCountFingerprint(pred))
-    return float(maccs), float(rdk), float(morgan)
+    return _tanimoto(fingerprints(pred), fingerprints(target))
+
+
+def _tanimoto(pred: tuple, target: tuple) -> tuple[float, float, float]:
+    return tuple(float(DataStructs.TanimotoSimilarity(t, p)) for t, p in zip(target, pred))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,7 +150,7 @@ def score_molecule_record(prediction: str, target: ParsedMolecule, protocol: str
         return MoleculeRecordScore(False, 0.0, float(len(target.canonical_smiles)), 0.0, 0.0, 0.0, parsed.failure)
     target_inchi = mol_to_inchi(target.mol)
     exact = float(bool(target_inchi) and mol_to_inchi(parsed.mol) == target_inchi)
-    maccs, rdk, morgan = tanimoto_similarities(parsed.mol, target.mol)
+    maccs, rdk, morgan = _tanimoto(cached_fingerprints(parsed), cached_fingerprints(target))
     distance = levenshtein_distance(parsed.canonical_smiles, target.canonical_smiles)
     return MoleculeRecordScore(True, exact, float(distance), maccs, rdk, morgan, None)
 

@@ -144,12 +144,16 @@ def task_metric_names(task: str, per_protocol: Mapping[str, Mapping[str, float]]
     return base + extra
 
 
-def write_task_json(out_dir: str | os.PathLike, task: str, per_protocol: Mapping[str, Mapping[str, float]]) -> Path:
-    """<out_dir>/<task>.json: {"task", "metric_set", "protocols": {protocol: {metric: value}}}."""
+def write_task_json(out_dir: str | os.PathLike, task: str, per_protocol: Mapping[str, Mapping[str, float]],
+                    conventions: Optional[Mapping[str, str]] = None) -> Path:
+    """<out_dir>/<task>.json: {"task", "metric_set", "protocols": {protocol: {metric: value}}, "conventions":
+    {protocol or topic: how it was scored}}."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {"task": task, "metric_set": get_task(base_task(task)).metric_set,
                "protocols": {p: {k: _json_value(v) for k, v in m.items()} for p, m in per_protocol.items()}}
+    if conventions:
+        payload["conventions"] = dict(conventions)
     path = out / f"{task}.json"
     path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return path
@@ -177,15 +181,17 @@ def _ordered_tasks(results: Results) -> list[str]:
     return ordered + sorted(t for t in results if t not in ordered)
 
 
-def markdown_table(results: Results) -> str:
+def markdown_table(results: Results, conventions: Optional[Mapping[str, str]] = None) -> str:
     """One table per metric set (tasks sharing the same columns), one row per task; a cell reads
-    'reference / strict' when both protocols are present."""
+    'reference / strict' when both protocols are present. `conventions` ({protocol or topic: sentence}) head the
+    report."""
     protocols = [p for p in PROTOCOLS if any(p in per for per in results.values())]
     by_set: dict[str, list[str]] = {}
     for task in _ordered_tasks(results):
         by_set.setdefault(get_task(base_task(task)).metric_set, []).append(task)
     header = " / ".join(protocols)
-    sections = [f"# Evaluation results\n\nCells: {header}.\n"]
+    notes = "".join(f"- **{topic}**: {text}\n" for topic, text in (conventions or {}).items())
+    sections = [f"# Evaluation results\n\nCells: {header}.\n" + (f"\n{notes}" if notes else "")]
     for metric_set, tasks in by_set.items():
         columns: list[str] = []
         for task in tasks:
@@ -258,15 +264,17 @@ def plot_summary(results: Results, path: str | os.PathLike) -> Path:
     return out
 
 
-def write_report(results: Results, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """Writes <out_dir>/metrics/<task>.json, <out_dir>/metrics.md and <out_dir>/summary.png."""
+def write_report(results: Results, out_dir: str | os.PathLike,
+                 conventions: Optional[Mapping[str, str]] = None) -> dict[str, Path]:
+    """Writes <out_dir>/metrics/<task>.json, <out_dir>/metrics.md and <out_dir>/summary.png; `conventions`
+    ({protocol or topic: sentence}) say how answers were read and scored, in the table's header and every JSON."""
     out = Path(out_dir)
     paths: dict[str, Path] = {}
     for task in _ordered_tasks(results):
-        paths[f"json:{task}"] = write_task_json(out / "metrics", task, results[task])
+        paths[f"json:{task}"] = write_task_json(out / "metrics", task, results[task], conventions)
     table = out / "metrics.md"
     table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(markdown_table(results), encoding="utf-8")
+    table.write_text(markdown_table(results, conventions), encoding="utf-8")
     paths["markdown"] = table
     paths["png"] = plot_summary(results, out / "summary.png")
     return paths

@@ -2,10 +2,11 @@
 predictions -> metrics in both protocols -> report.
 
 Prompts are built by the data modules exactly as for training (`omnimol_jax.data.prompts`). The output folder:
-    predictions.jsonl   one record per test example: id ('<task>/<index in file>'), task, prediction, reference,
-                        instruction, generated token count, whether a stop token ended it, and with beams the
-                        K hypotheses and their scores, with MBR the samples, with number-median decoding the
-                        integer-part candidates found per number. Appended after every batch; a rerun resumes.
+    predictions.jsonl   one record per test example: id ('<task>/<index in file>'), task, prediction (clean),
+                        raw (special tokens kept; eval/answers.py), reference, instruction, generated token count,
+                        whether a stop token ended it, and with beams the K hypotheses and their scores, with MBR
+                        the samples, with number-median decoding the integer-part candidates found per number.
+                        Appended after every batch; a rerun resumes.
     eval_config.json    checkpoint and decoding settings; a rerun with different settings refuses to mix them
     skipped.json        test records that could not be turned into prompts (file, index, reason)
     metrics/<task>.json, metrics.md, summary.png   the report (omnimol_jax.eval.report.write_report)
@@ -30,10 +31,12 @@ from omnimol_jax.config import MeshConfig
 from omnimol_jax.data import readers
 from omnimol_jax.data.prompts import generation_example
 from omnimol_jax.errors import InputError
+from omnimol_jax.eval import answers
 from omnimol_jax.eval.baselines import train_mean_baselines
 from omnimol_jax.eval.metrics import compute_metrics_from_records
-from omnimol_jax.eval.mol_metrics import PROTOCOLS, mol_to_inchi, parse_selfies
+from omnimol_jax.eval.mol_metrics import PROTOCOL_REFERENCE, PROTOCOLS, mol_to_inchi, parse_selfies
 from omnimol_jax.eval.report import PredictionStore, write_report
+from omnimol_jax.eval.wordnet import prefetch_wordnet, wordnet_status
 from omnimol_jax.inference.decoding import GenerationConfig
 from omnimol_jax.inference.mbr import l1_medoid
 from omnimol_jax.inference.session import InferenceSession, load_session, number_median_decoder, record_seed
@@ -151,7 +154,8 @@ def _prediction_records(batch: list[PendingExample], out, session: InferenceSess
     records = []
     for row, example in enumerate(batch):
         answers = [session.decode(out.answer_ids(row, k)) for k in range(out.tokens.shape[1])]
-        extra = {"num_tokens": int(out.lengths[row, 0]), "finished": bool(out.finished[row, 0])}
+        extra = {"raw": session.decode_raw(out.generated_ids(row, 0)), "num_tokens": int(out.lengths[row, 0]),
+                 "finished": bool(out.finished[row, 0])}
         if beams > 1:
             extra.update(predictions=answers, scores=[float(s) for s in out.scores[row]])
         records.append(_record(example, answers[0], **extra))
@@ -170,7 +174,9 @@ def _mbr_prediction_records(batch: list[PendingExample], session: InferenceSessi
     for i, example in enumerate(batch):
         answers = [session.decode(out.answer_ids(i * samples + k, 0)) for k in range(samples)]
         chosen = l1_medoid(answers) or 0
-        records.append(_record(example, answers[chosen], num_tokens=int(out.lengths[i * samples + chosen, 0]),
+        raw = session.decode_raw(out.generated_ids(i * samples + chosen))
+        records.append(_record(example, answers[chosen], raw=raw,
+                               num_tokens=int(out.lengths[i * samples + chosen, 0]),
                                finished=bool(out.finished[i * samples + chosen, 0]), decoding=f"mbr-{samples}",
                                samples=answers))
     return records
@@ -181,7 +187,9 @@ def _median_prediction_records(batch: list[PendingExample], session: InferenceSe
     """Numbers answered with the median of the model's distribution (see inference/number_median.py)."""
     answers = decoder.generate([e.input_ids for e in batch], [e.graph for e in batch], max_new_tokens=max_new_tokens,
                                rows=rows, record_ids=[e.record_id for e in batch])
-    return [_record(example, session.decode(answer.ids), num_tokens=len(answer.ids), finished=answer.finished,
+    return [_record(example, session.decode(answer.ids),
+                    raw=session.decode_raw(answer.ids + ([answer.stop_id] if answer.stop_id is not None else [])),
+                    num_tokens=len(answer.ids), finished=answer.finished,
                     decoding=f"median-{decoder.slots}", numbers=answer.numbers)
             for example, answer in zip(batch, answers)]
 
@@ -221,6 +229,25 @@ def evaluate_predictions(store, task_ids: dict[str, list[str]], protocols: Seque
     return results
 
 
+def report_conventions(store, task_ids: dict[str, list[str]], protocols: Sequence[str]) -> dict[str, str]:
+    """How answers were read and scored, for the report's header: each protocol's conventions, METEOR's WordNet
+    when a text task was scored, and how many records lacked the raw answer the reference protocol reads."""
+    conventions = {protocol: answers.CONVENTIONS[protocol] for protocol in protocols}
+    if any(answers.is_text_task(task) for task in task_ids):
+        conventions["METEOR"] = wordnet_status()[1]
+    if any(get_task(task).metric_set == "procedure" for task in task_ids):
+        conventions["lev_ge_t"] = ("share of answers whose normalised Levenshtein similarity to the target string "
+                                   "is >= t, as intended (the public code's 'Accuracy' compares token lists and "
+                                   "is always 0)")
+    without_raw = sum(not isinstance(store.records[i].get("raw"), str) for ids in task_ids.values() for i in ids
+                      if i in store)
+    if without_raw and PROTOCOL_REFERENCE in protocols:
+        conventions["raw answers"] = (f"{without_raw} records of {store.path} have no raw answer (written by an "
+                                      "older version): the reference protocol read their clean answer; rerun "
+                                      "with --restart to score them as the public code does")
+    return conventions
+
+
 def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult:
     """Generates what is missing from <out>/predictions.jsonl, scores every task and writes the report."""
     if options.batch_size < 1:
@@ -241,6 +268,8 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     if not task_keys:
         raise EvalError(f"no task files in {options.data} ({options.layout} layout)")
     protocols = PROTOCOLS if options.protocol == "both" else (options.protocol,)
+    if any(answers.is_text_task(key) for key in task_keys):
+        prefetch_wordnet()  # METEOR's WordNet loads while the model generates
     wants_constraint = options.constrained and any(tasks.get_task(k).output_type == tasks.OUTPUT_SELFIES
                                                 for k in task_keys)
     session = load_session(options.checkpoint, options.tokenizer, double_bos=options.double_bos,
@@ -325,5 +354,5 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
         raise EvalError("no predictions to score (every record was skipped; see skipped.json)")
     results.update(train_mean_baselines(results, store, task_ids, options.data, options.layout, protocols,
                                         tokenize_fn))
-    paths = write_report(results, out_dir)
+    paths = write_report(results, out_dir, report_conventions(store, task_ids, protocols))
     return EvalResult(out_dir=out_dir, report=paths, predictions=store.path, skipped=len(skipped))

@@ -113,6 +113,10 @@ class GenerationOutput:
     def answer_ids(self, row: int, beam: int = 0) -> list[int]:
         return self.tokens[row, beam, : self.answer_lengths[row, beam]].tolist()
 
+    def generated_ids(self, row: int, beam: int = 0) -> list[int]:
+        """Every generated token, the stop token included (the reference protocol's raw answer)."""
+        return self.tokens[row, beam, : self.lengths[row, beam]].tolist()
+
 
 class PromptBatch(NamedTuple):
     """Device-ready prompt batch: left-padded ids and mask [R, P], the padded graph batch or None."""

@@ -134,6 +134,7 @@ class MedianAnswer:
     ids: list
     finished: bool
     numbers: list
+    stop_id: Optional[int] = None  # the stop token that ended the answer (not in `ids`)
 
 
 @dataclasses.dataclass
@@ -174,6 +175,7 @@ class _Row:
         self.mode = "text" if live else "done"
         self.ids: list[int] = []
         self.finished = False
+        self.stop_id: Optional[int] = None
         self.last_char: Optional[str] = None
         self.number: Optional[_NumberSearch] = None
         self.replay: list[int] = []
@@ -290,7 +292,8 @@ class NumberMedianDecoder:
                                        self._table_ids, self._digit_mask)
             logp, best, best_non_digit = self._to_host(summary)
             index += 1
-        return [MedianAnswer(ids=s.ids, finished=s.finished, numbers=s.numbers) for s in states[:count]]
+        return [MedianAnswer(ids=s.ids, finished=s.finished, numbers=s.numbers, stop_id=s.stop_id)
+                for s in states[:count]]
 
     @staticmethod
     def _to_host(summary) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -329,7 +332,7 @@ class NumberMedianDecoder:
     def _emit(self, state: _Row, b: int, token: int, act: "_Actions", max_new_tokens: int,
               next_mode: str = "text") -> None:
         if token in self.generator.stop_token_ids:
-            state.mode, state.finished = "done", True
+            state.mode, state.finished, state.stop_id = "done", True, token
             return
         state.ids.append(token)
         text = self.tokens.texts[token] if token < len(self.tokens.texts) else None

@@ -34,7 +34,13 @@ class InferenceSession:
     checkpoint: Path
 
     def decode(self, ids: Sequence[int]) -> str:
+        """The clean answer: special tokens dropped, surrounding whitespace stripped."""
         return self.tokenizer.decode_whole_characters(ids, skip_special_tokens=True).strip()
+
+    def decode_raw(self, ids: Sequence[int]) -> str:
+        """The raw answer the public evaluation scores: special tokens kept (pass the stop token too), nothing
+        stripped (see eval/answers.py)."""
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
 
 def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = None, *,

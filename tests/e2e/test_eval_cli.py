@@ -74,12 +74,17 @@ def test_eval_writes_predictions_and_report_and_resumes(corpus, checkpoint, tmp_
     for record in records:
         assert record["id"].startswith(record["task"] + "/") and isinstance(record["prediction"], str)
         assert 1 <= record["num_tokens"] <= 8 and "reference" in record
+        # the raw answer keeps the special tokens (the stop token too) and is not stripped (eval/answers.py)
+        assert record["prediction"] in record["raw"]
+        assert record["raw"].endswith("<|eot_id|>") or not record["finished"] or record["raw"].endswith("|>")
     for task in TASKS:
         payload = json.loads((out / "metrics" / f"{task}.json").read_text())
         assert set(payload["protocols"]) == {"reference", "strict"}
         assert payload["protocols"]["strict"]["n"] == 3
     table = (out / "metrics.md").read_text()
     assert all(f"| {task} |" in table for task in TASKS) and table in capsys.readouterr().out
+    assert "- **reference**: answers decoded with special tokens kept" in table and "- **strict**: " in table
+    assert "- **METEOR**: NLTK METEOR with WordNet 3.0 synonyms" in table  # dqa is a text task
     assert (out / "summary.png").stat().st_size > 0
     assert json.loads((out / "skipped.json").read_text()) == []
 
@@ -186,8 +191,8 @@ def test_eval_number_median_decodes_number_tasks_only_and_deterministically(corp
     without_numbers = [r for r in number if not r["numbers"]]
     assert without_numbers  # this random model writes no numbers: the comparison below covers both records
     for record in without_numbers:
-        assert (record["prediction"], record["num_tokens"]) == (greedy[record["id"]]["prediction"],
-                                                                greedy[record["id"]]["num_tokens"])
+        assert (record["prediction"], record["raw"], record["num_tokens"]) == (
+            greedy[record["id"]]["prediction"], greedy[record["id"]]["raw"], greedy[record["id"]]["num_tokens"])
     again = tmp_path / "again"
     assert _cli([a if a != str(out) else str(again) for a in argv]) == 0
     assert (again / "predictions.jsonl").read_text() == (out / "predictions.jsonl").read_text()

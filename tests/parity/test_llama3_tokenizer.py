@@ -127,3 +127,45 @@ def test_one_prompt_per_task_gives_the_ids_written_down(llama3):
         assert encoded.input_ids.tolist() == expected[key]["input_ids"], key
         assert supervised == expected[key]["supervised"], key
         assert encoded.input_ids.tolist() == _reference_ids(auto, user, answer), key
+
+
+def test_reference_text_metrics_on_llama3_pieces_follow_the_public_recipe(llama3):
+    """`omnimol eval` scores text tasks on the tokenizer's pieces of the raw answer; the public calc_mocap_metrics
+    tokenizes with transformers (pieces cut to 512; transformers 4 truncated there, 5 no longer does, so the cut is
+    written out), drops the eos / pad piece `<|eot_id|>`, and runs NLTK BLEU and METEOR (WordNet 3.0) and ROUGE on
+    the raw strings."""
+    import nltk.translate.bleu_score as bleu
+    import nltk.translate.meteor_score as meteor
+    from nltk.corpus import wordnet
+    from rouge_score.rouge_scorer import RougeScorer
+    from transformers import AutoTokenizer
+
+    from omnimol_jax.eval.metrics import compute_task_metrics
+    from omnimol_jax.eval.wordnet import load_wordnet
+
+    load_wordnet()
+    raw = ["The molecule is a big aromatic ring.<|eot_id|>", "It is an acid found in milk.<|eot_id|>",
+           " Great rings are common.<|eot_id|>\n", "A colourless liquid<|end_of_text|>", "<|eot_id|>",
+           "word " * 600 + "<|eot_id|>"]
+    targets = ["The molecule is a large aromatic ring.", "It is an acid present in sour milk.",
+               "Big rings are common.", "A colorless liquid.", "Some text.", "word " * 520]
+    auto = AutoTokenizer.from_pretrained(str(llama3))
+
+    def public_pieces(text):
+        return [p for p in auto.tokenize(text)[:512] if p != "<|eot_id|>"]
+
+    out = [public_pieces(r) for r in raw]
+    gt = [[public_pieces(t)] for t in targets]
+    scorer = RougeScorer(["rouge1", "rouge2", "rougeL"])
+    rouge = [scorer.score(t, r) for t, r in zip(targets, raw)]
+    expected = {
+        "bleu2": bleu.corpus_bleu(gt, out, weights=[0.5, 0.5]),
+        "bleu4": bleu.corpus_bleu(gt, out, weights=(0.25, 0.25, 0.25, 0.25)),
+        "meteor": sum(meteor.meteor_score(g, o, wordnet=wordnet) for g, o in zip(gt, out)) / len(out),
+        **{k: sum(r[k].fmeasure for r in rouge) / len(rouge) for k in ("rouge1", "rouge2", "rougeL")},
+    }
+    chat = load_chat_tokenizer(llama3)
+    got = compute_task_metrics("molcap", raw, targets, "reference",
+                               tokenize_fn=lambda text: chat.tokenizer.encode(text, add_special_tokens=False).tokens)
+    assert {k: got[k] for k in expected} == pytest.approx(expected, rel=1e-12)
+    assert got["n_failed"] == 1  # the answer that is only <|eot_id|>
