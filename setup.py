@@ -44,6 +44,8 @@ setup(
         "test": ["torch==2.13.0", "pytest>=8", "pytest-xdist>=3.5",
                  # the real Llama-3 tokenizer file (llama_models/llama3/tokenizer.model) for tokenizer tests
                  "llama-models==0.3.0",
+                 # export-hf --format peft is tested by loading the adapter with stock PeftModel.from_pretrained
+                 "peft>=0.12",
                  # code health checks in the suite (tests/test_layers.py): exact pins keep their verdicts stable
                  "ruff==0.17.6", "import-linter==2.17"],
         # benchmarks/train_step.py compares against transformers + peft

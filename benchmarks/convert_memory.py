@@ -5,7 +5,10 @@ whole model twice. Each conversion runs in a fresh subprocess; the peak is the k
 mark (VmHWM), reset after imports so that library code does not count.
 
     python benchmarks/convert_memory.py [--hidden 1024 --layers 4 --vocab 32000]
-Prints one JSON object.
+    python benchmarks/convert_memory.py --moge small
+The second form exports a MoGE checkpoint of a preset (LoRA on every projection, MoGE on the second half, B and
+the routers random) as a Qwen2-MoE folder, whose output is several times the stored model (one merged FFN per
+expert): the bound is still the stored model plus tensors in flight. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ import numpy as np
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
-from omnimol_jax.convert.hf_llama import export_hf, import_hf
+from omnimol_jax.convert.hf_export import export_hf
+from omnimol_jax.convert.hf_llama import import_hf
 import omnimol_jax.checkpoint as ck
 import numpy as np
 # Warm up Orbax/tensorstore once so their one-time allocations are not counted.
@@ -63,6 +67,31 @@ def write_random_hf(folder: Path, hidden: int, layers: int, vocab: int, ffn: int
     return {"model_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "tensors": len(sizes)}
 
 
+def write_moge_checkpoint(folder: Path, preset: str) -> dict:
+    """A random LoRA + MoGE checkpoint of `preset` (B and routers nonzero, so every merge does real work)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from omnimol_jax.checkpoint import module_state, save_model_checkpoint
+    from omnimol_jax.config import model_config_from_preset
+    from omnimol_jax.model.llama import LlamaForCausalLM
+    from omnimol_jax.model.lora import LoRAWeight
+
+    config = model_config_from_preset(preset, lora={"enabled": True, "rank": 64},
+                                      moge={"enabled": True, "layers": "second_half"})
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    key = jax.random.key(1)
+    for path, variable in nnx.to_flat_state(nnx.state(model, LoRAWeight)):
+        if path[-1] == "b":
+            key, sub = jax.random.split(key)
+            variable.set_value(0.01 * jax.random.normal(sub, variable.get_value().shape, jnp.float32))
+    params = module_state(model)
+    save_model_checkpoint(folder, config, params)
+    sizes = [int(np.prod(v.shape)) * v.dtype.itemsize for v in params.values()]
+    return {"model_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "tensors": len(sizes), "preset": preset}
+
+
 def run_child(*args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", CHILD, *args], check=True, capture_output=True, text=True,
                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -77,7 +106,19 @@ def main() -> None:
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--moge", metavar="PRESET", help="measure the Qwen2-MoE export of a MoGE model instead")
     args = parser.parse_args()
+    if args.moge:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            sizes = write_moge_checkpoint(tmp / "ckpt", args.moge)
+            exported = run_child("export", str(tmp / "ckpt"), str(tmp / "out"))
+            output_bytes = sum(f.stat().st_size for f in (tmp / "out").glob("*.safetensors"))
+        extra = exported["peak_rss"] - exported["baseline_rss"]
+        print(json.dumps({"benchmark": "convert_memory_moge_export", **sizes, "output_bytes": output_bytes,
+                          "export": {"seconds": round(exported["seconds"], 2), "peak_extra_bytes": extra,
+                                     "peak_extra_over_model": round(extra / sizes["model_bytes"], 3)}}, indent=2))
+        return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sizes = write_random_hf(tmp / "hf", args.hidden, args.layers, args.vocab, args.ffn, args.heads, args.kv_heads)

@@ -1,4 +1,5 @@
-"""Hugging Face Llama <-> omnimol checkpoint conversion.
+"""Hugging Face Llama <-> omnimol checkpoint conversion: the tensor table, configs and import (export, in every
+format, is convert/hf_export.py).
 
 One table (`tensor_table`) states, for every parameter, its HF name and shape and the two layout maps
 (our kernels are [in, ..., out, ...]; HF linear weights are [out, in]). Import and export both walk it
@@ -21,14 +22,9 @@ from tqdm.auto import tqdm
 
 from omnimol_jax.checkpoint import (
     ASSETS_DIR,
-    CheckpointError,
     FlatParams,
     atomic_directory,
     flat_variables,
-    load_params,
-    params_metadata,
-    path_text,
-    read_metadata,
     save_params,
     write_metadata,
 )
@@ -272,11 +268,11 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: Optional[str] = None, 
         del params
         write_metadata(tmp, config, {"source": {"kind": "huggingface", "path": str(hf_dir.resolve()),
                                                 "architectures": hf_config.get("architectures")}})
-        _copy_assets(hf_dir, tmp / ASSETS_DIR)
+        copy_assets(hf_dir, tmp / ASSETS_DIR)
     return out
 
 
-def _copy_assets(src: Path, dst: Path) -> list[str]:
+def copy_assets(src: Path, dst: Path) -> list[str]:
     copied = []
     for name in ASSET_FILES:
         if (src / name).is_file():
@@ -284,42 +280,6 @@ def _copy_assets(src: Path, dst: Path) -> list[str]:
             shutil.copy2(src / name, dst / name)
             copied.append(name)
     return copied
-
-
-# --------------------------------------------------------------------------------------------------
-# Export
-
-
-def export_hf(checkpoint: str | Path, out: str | Path, dtype: Optional[str] = None, max_shard_size: str = "5GB",
-              overwrite: bool = False, progress: bool = True) -> Path:
-    """omnimol checkpoint -> HF folder that `LlamaForCausalLM.from_pretrained` loads with no missing keys."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    config, _ = read_metadata(checkpoint)
-    dtype = dtype or config.param_dtype
-    if dtype not in NUMPY_DTYPES:
-        raise HFConversionError(f"--dtype {dtype!r} is not supported; use one of {list(NUMPY_DTYPES)}")
-    table = tensor_table(config)
-    stored = params_metadata(checkpoint)
-    missing = [path_text(m.path) for m in table if m.path not in stored]
-    wrong = [f"{'/'.join(m.path)}: {stored[m.path].shape} vs {m.ours_shape}" for m in table
-             if m.path in stored and tuple(stored[m.path].shape) != m.ours_shape]
-    if missing or wrong:
-        raise CheckpointError(f"{checkpoint}: parameters do not match its model config: missing {missing[:10]}, "
-                              f"wrong shapes {wrong[:10]}")
-    max_bytes = st.parse_size(max_shard_size)
-    target_dtype = NUMPY_DTYPES[dtype]
-    params = load_params(checkpoint)
-
-    def producer(mapping: TensorMapping):
-        return lambda: mapping.to_hf(params[mapping.path]).astype(target_dtype, copy=False)
-
-    planned = [st.PlannedTensor(m.hf_name, target_dtype, m.hf_shape, producer(m)) for m in table]
-    with atomic_directory(out, overwrite=overwrite) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config_from_model(config, dtype), indent=2) + "\n")
-        with tqdm(total=len(planned), desc="export-hf", unit="tensor", disable=not progress) as bar:
-            st.write_checkpoint(tmp, planned, max_bytes, on_tensor=lambda _: bar.update())
-        _copy_assets(checkpoint / ASSETS_DIR, tmp)
-    return out
 
 
 def load_hf_weights(language_model, hf_dir: str | Path, progress: bool = True) -> ModelConfig:

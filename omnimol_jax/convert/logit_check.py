@@ -1,7 +1,11 @@
-"""Logit checker: our checkpoint vs `transformers.LlamaForCausalLM` on the exported/original HF folder.
+"""Logit checker: our checkpoint's language model vs transformers on an exported or original HF folder.
 
-Runs both on a short and a ~500-token prompt (random token ids, seeded) and reports max |logit diff|,
-mean KL(hf || ours) and top-1 agreement. torch is needed only here (install `torch==2.13.0`).
+The HF folder is loaded with stock `AutoModelForCausalLM` (a Llama, or the Qwen2-MoE of a MoGE export), and with
+stock `peft.PeftModel.from_pretrained` on top when it holds an `adapter/` folder (export-hf --format peft). The
+checkpoint may be a plain Llama, one with LoRA/MoGE adapters, or a full Omni-Mol model (its language model is
+compared; prompts carry no graph). Both run a short and a ~500-token prompt (random token ids, seeded) and the
+report gives max |logit diff|, mean KL(hf || ours) and top-1 agreement. torch is needed only here (install
+`torch==2.13.0`).
 """
 from __future__ import annotations
 
@@ -47,19 +51,22 @@ def check_against_hf(checkpoint: str | Path, hf_dir: str | Path, seq_lens: Seque
         import transformers
     except ImportError as err:
         raise RunError("the logit checker needs torch and transformers: pip install torch==2.13.0") from err
-    from omnimol_jax.checkpoint import CheckpointError, load_llama, read_metadata
+    from omnimol_jax.checkpoint import load_llama, load_omnimol, read_metadata
+    from omnimol_jax.convert.hf_llama import read_hf_config
 
-    model_config, meta = read_metadata(checkpoint)
-    if meta.get("graph") is not None:
-        raise CheckpointError(f"{checkpoint} is a full Omni-Mol model (graph tower, projector, language model); "
-                              "check-hf compares a plain Llama checkpoint (omnimol init, import-hf) with its HF "
-                              "folder")
-    if model_config.lora.enabled or model_config.moge.enabled:
-        raise CheckpointError(f"{checkpoint} has LoRA/MoGE adapters, which a stock LlamaForCausalLM does not "
-                              "have; check-hf compares a plain Llama checkpoint with its HF folder")
-    model = load_llama(checkpoint)
-    hf_model = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    read_hf_config(Path(hf_dir))  # a clear error for a folder that is not a HF model
+    _, meta = read_metadata(checkpoint)
+    model = load_omnimol(checkpoint)[0].language_model if meta.get("graph") is not None else load_llama(checkpoint)
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     hf_model.config._attn_implementation = "eager"
+    adapter = Path(hf_dir) / "adapter"
+    if (adapter / "adapter_config.json").is_file():
+        try:
+            import peft
+        except ImportError as err:
+            raise RunError(f"{adapter} is a PEFT adapter: pip install peft to check it") from err
+        hf_model = peft.PeftModel.from_pretrained(hf_model, adapter)
+    hf_model = hf_model.eval()
     forward = jax.jit(lambda m, ids: m(ids).logits.astype(jnp.float32))
     rng = np.random.default_rng(seed)
     reports = []

@@ -47,6 +47,16 @@ def fold_rng(rng: Optional[jax.Array], *data: int) -> Optional[jax.Array]:
     return rng
 
 
+def lora_scale(config: LoRAConfig, rank, gal_a=None, gal_b=None, gal_p=None, xp=jnp):
+    """The adapter scale s (GAL's clipped learnable one, or alpha / r), with `xp` = jnp or numpy (host export)."""
+    if not config.gal:
+        return config.alpha / rank
+    a = xp.clip(gal_a, *config.gal_a_range)
+    p = xp.clip(gal_p, *config.gal_p_range)
+    b = xp.clip(gal_b, *config.gal_b_range)
+    return a / rank ** p + b
+
+
 def dropout(x: jax.Array, rate: float, rng: Optional[jax.Array]) -> jax.Array:
     """Inverted dropout; identity when `rng` is None (evaluation) or the rate is 0."""
     if rng is None or rate == 0.0:
@@ -95,14 +105,9 @@ class LoRA(nnx.Module):
 
     def scale(self) -> jax.Array:
         """s per adapter: a scalar, or [E] when stacked. fp32."""
-        cfg = self.config
-        rank = self._rank_vector()
-        if not cfg.gal:
-            return cfg.alpha / rank
-        a = jnp.clip(self.gal_a[...], *cfg.gal_a_range)
-        p = jnp.clip(self.gal_p[...], *cfg.gal_p_range)
-        b = jnp.clip(self.gal_b[...], *cfg.gal_b_range)
-        return a / rank ** p + b
+        if not self.config.gal:
+            return lora_scale(self.config, self._rank_vector())
+        return lora_scale(self.config, self._rank_vector(), self.gal_a[...], self.gal_b[...], self.gal_p[...])
 
     def rank_mask(self) -> Optional[jax.Array]:
         """[E, r_max] 1/0 mask of each expert's own rank, or None when all ranks are equal."""

@@ -13,7 +13,8 @@ import transformers
 from omnimol_jax.checkpoint import CheckpointError, load_llama, read_metadata
 from omnimol_jax.cli import main as cli_main
 from omnimol_jax.convert import safetensors_io as st
-from omnimol_jax.convert.hf_llama import HFConversionError, export_hf, import_hf, model_config_from_hf
+from omnimol_jax.convert.hf_export import export_hf
+from omnimol_jax.convert.hf_llama import HFConversionError, import_hf, model_config_from_hf
 
 TINY_HF = dict(vocab_size=384, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, rms_norm_eps=1e-5)
