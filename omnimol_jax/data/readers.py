@@ -453,10 +453,10 @@ class TaskRecords:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
-    def __del__(self) -> None:
+    def __del__(self, _close=os.close) -> None:  # bound early: at interpreter exit `os` may already be gone
         if getattr(self, "_fd", None) is not None:
             try:
-                os.close(self._fd)
+                _close(self._fd)
             except OSError:
                 pass
 

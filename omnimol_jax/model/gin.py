@@ -88,10 +88,12 @@ class BatchNormInference(nnx.Module):
     def __call__(self, x: jax.Array, fit_weights: Optional[jax.Array] = None) -> jax.Array:
         """fit_weights [N] (1 = real row): first set the running statistics to the weighted mean/variance of x."""
         if fit_weights is not None:
+            # `where`, not a product: a padding row may hold inf (see GIN._forward), and inf * 0 is NaN
+            weight = fit_weights[:, None]
             count = jnp.maximum(fit_weights.sum(), 1.0)
-            mean = (x * fit_weights[:, None]).sum(0) / count
+            mean = jnp.where(weight > 0, x * weight, 0.0).sum(0) / count
             self.mean[...] = mean
-            self.var[...] = (jnp.square(x - mean) * fit_weights[:, None]).sum(0) / count
+            self.var[...] = jnp.where(weight > 0, jnp.square(x - mean) * weight, 0.0).sum(0) / count
         return (x - self.mean[...]) / jnp.sqrt(self.var[...] + self.eps) * self.scale[...] + self.bias[...]
 
 
@@ -153,8 +155,10 @@ class GIN(nnx.Module):
             h = norm(conv(h, graphs.edges, graphs.senders, graphs.receivers, fit_weights), fit_weights)
             if layer != last:
                 h = jax.nn.relu(h)
-        if node_mask is not None:
-            h = jnp.where(node_mask[:, None], h, 0.0)
+            if node_mask is not None:
+                # jraph sends every padding edge to the padding node: summed over thousands of edges, layer after
+                # layer, its value overflows to inf. Zeroing padding rows keeps every value finite.
+                h = jnp.where(node_mask[:, None], h, 0.0)
         return h
 
 

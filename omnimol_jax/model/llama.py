@@ -345,9 +345,7 @@ class LlamaForCausalLM(nnx.Module):
         else:
             key_valid, cache_index = mask, None
 
-        layer_fn = _decoder_layer_call
-        if cfg.remat_policy != "none":
-            layer_fn = nnx.remat(_decoder_layer_call, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=True)
+        layer_fn = _decoder_layer_call if cfg.remat_policy == "none" else _rematerialized(cfg.remat_policy)
         inputs = LayerInputs(positions, inv_freq, key_valid, segment_ids, cache_index, mask)
         new_keys, new_values, moe_aux = [], [], []
         for i, layer in enumerate(self.layers):
@@ -372,8 +370,27 @@ class LlamaForCausalLM(nnx.Module):
 
 
 def _decoder_layer_call(layer, x, inputs: LayerInputs, layer_cache, rng):
-    """A plain function of the layer, so nnx.remat can wrap it."""
     return layer(x, inputs, layer_cache, rng)
+
+
+def _rematerialized(policy: str):
+    """A layer call under `jax.checkpoint` with the layer's variables passed in as arguments.
+
+    Why not `nnx.remat`: it writes the variables back after the call, and in a train step whose frozen weights
+    come from outside the gradient trace (a frozen backbone) that write-back raises TraceContextError. A layer
+    changes no variable in its forward pass, so a pure function of (variables, inputs) is all remat needs.
+    """
+    checkpoint_policy = REMAT_POLICIES[policy]
+
+    def call(layer, x, inputs: LayerInputs, layer_cache, rng):
+        graphdef, state = nnx.split(layer)
+
+        def pure(state, x, inputs, layer_cache, rng):
+            return nnx.merge(graphdef, state)(x, inputs, layer_cache, rng)
+
+        return jax.checkpoint(pure, policy=checkpoint_policy, prevent_cse=True)(state, x, inputs, layer_cache, rng)
+
+    return call
 
 
 def count_parameters(config: ModelConfig) -> int:
