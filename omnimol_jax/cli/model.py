@@ -60,6 +60,9 @@ def _info(args) -> int:
     parts = ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in counts.items())
     print(f"# parameters: {sum(counts.values()):,} ({parts}; with adapters, routers and batch-norm statistics, "
           "as train counts them)")
+    from omnimol_jax.allocator import SWITCH, in_use
+
+    print(f"# malloc: {in_use()} (set {SWITCH}=system for glibc's)")
     if args.shardings:
         import jax
         from flax import nnx
