@@ -115,7 +115,15 @@ _LOAD_LOCK = threading.Lock()
 
 def prefetch_wordnet() -> None:
     """Loads WordNet in a background thread (NLTK's reader takes seconds to build), e.g. while a model generates
-    the answers it will score."""
+    the answers it will score. Every module the scorers use is imported here first, in the calling thread: two
+    threads importing nltk at once can leave it half-initialised ("partially initialized module 'nltk'")."""
+    import nltk.corpus  # noqa: F401
+    import nltk.corpus.reader.wordnet  # noqa: F401
+    import nltk.data  # noqa: F401
+    import nltk.translate.bleu_score  # noqa: F401
+    import nltk.translate.meteor_score  # noqa: F401
+    import rouge_score.rouge_scorer  # noqa: F401
+
     threading.Thread(target=wordnet_status, name="wordnet-prefetch", daemon=True).start()
 
 
