@@ -84,4 +84,5 @@ def build_llama3_tokenizer(out_dir: str | os.PathLike, model_file: Optional[str 
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
         special_tokens=[(bos, NUM_BASE_TOKENS)])
-    return save_hf_tokenizer(tokenizer, out_dir, model_max_length=MODEL_MAX_LENGTH)
+    # Llama 3.2's tokenizer_config.json sets clean_up_tokenization_spaces: true
+    return save_hf_tokenizer(tokenizer, out_dir, model_max_length=MODEL_MAX_LENGTH, clean_up_tokenization_spaces=True)

@@ -77,9 +77,12 @@ class ChatTokenizer:
     """
 
     def __init__(self, tokenizer: tokenizers.Tokenizer, *, double_bos: bool = True,
-                 system_prompt: str = SYSTEM_PROMPT, source: str = ""):
+                 system_prompt: str = SYSTEM_PROMPT, source: str = "", clean_up_spaces: bool = False):
         self.tokenizer = tokenizer
         self.double_bos = double_bos
+        # tokenizer_config.json's clean_up_tokenization_spaces (true for Llama 3.2): transformers 4.x's decode then
+        # joined " ." -> "." and the like; the reference protocol's raw answers are decoded that way too.
+        self.clean_up_spaces = clean_up_spaces
         self.system_prompt = system_prompt
         self.source = source
         self.bos_id = self.token_id(BOS)
@@ -124,6 +127,18 @@ class ChatTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [int(i) for i in ids if int(i) >= 0]
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_like_transformers(self, ids: Iterable[int]) -> str:
+        """What the public code's `tokenizer.decode(ids)` gave under transformers 4.45: special tokens kept, and the
+        folder's clean-up of spaces applied when its tokenizer_config.json asks for it (transformers 5 no longer
+        cleans up BPE text; the reference protocol follows the public code)."""
+        text = self.decode(ids, skip_special_tokens=False)
+        if self.clean_up_spaces:
+            from transformers import PreTrainedTokenizerBase  # local: transformers is slow to import
+
+            # a method that reads nothing of its tokenizer: transformers' own list of joins (" ." -> ".", ...)
+            text = PreTrainedTokenizerBase.clean_up_tokenization(None, text)
+        return text
 
     def decode_whole_characters(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """`decode` for generated text that a length limit may have cut inside a multi-byte character: the
@@ -191,7 +206,16 @@ def load_chat_tokenizer(path: str | os.PathLike, *, double_bos: bool = True,
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception on a malformed file
         raise TokenizerError(f"{file}: cannot load tokenizer: {err}") from err
-    return ChatTokenizer(tokenizer, double_bos=double_bos, system_prompt=system_prompt, source=str(file))
+    return ChatTokenizer(tokenizer, double_bos=double_bos, system_prompt=system_prompt, source=str(file),
+                         clean_up_spaces=_clean_up_setting(file.parent / "tokenizer_config.json"))
+
+
+def _clean_up_setting(config_file: Path) -> bool:
+    """tokenizer_config.json's `clean_up_tokenization_spaces` (False when absent or unreadable)."""
+    try:
+        return bool(json.loads(config_file.read_text()).get("clean_up_tokenization_spaces", False))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,7 +266,7 @@ def build_bpe_tokenizer(texts: Iterable[str], *, vocab_size: int = 4096,
 
 
 def save_hf_tokenizer(tokenizer: tokenizers.Tokenizer, out_dir: str | os.PathLike,
-                      model_max_length: int = 2048) -> Path:
+                      model_max_length: int = 2048, clean_up_tokenization_spaces: bool = False) -> Path:
     """Saves `tokenizer` as a HF tokenizer folder (tokenizer.json + config with the special tokens and the
     llama3 chat template) loadable by `transformers.AutoTokenizer`."""
     from transformers import PreTrainedTokenizerFast  # local: transformers is slow to import
@@ -250,7 +274,8 @@ def save_hf_tokenizer(tokenizer: tokenizers.Tokenizer, out_dir: str | os.PathLik
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOT, pad_token=PAD,
-                                   model_max_length=model_max_length)
+                                   model_max_length=model_max_length,
+                                   clean_up_tokenization_spaces=clean_up_tokenization_spaces)
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return out_dir

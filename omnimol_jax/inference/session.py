@@ -39,8 +39,9 @@ class InferenceSession:
 
     def decode_raw(self, ids: Sequence[int]) -> str:
         """The raw answer the public evaluation scores: special tokens kept (pass the stop token too), nothing
-        stripped (see eval/answers.py)."""
-        return self.tokenizer.decode(ids, skip_special_tokens=False)
+        stripped, and the tokenizer folder's clean-up of spaces applied as transformers' decode applies it (see
+        eval/answers.py)."""
+        return self.tokenizer.decode_like_transformers(ids)
 
 
 def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = None, *,

@@ -129,6 +129,27 @@ def test_one_prompt_per_task_gives_the_ids_written_down(llama3):
         assert encoded.input_ids.tolist() == _reference_ids(auto, user, answer), key
 
 
+def test_raw_answers_decode_as_the_public_codes_transformers_decodes_them(llama3):
+    """The reference protocol's raw answer: special tokens kept and, as Llama 3.2's tokenizer_config asks, the
+    clean-up of spaces (" ." -> ".") that transformers 4.45 (the public code's pin) applied in decode. transformers
+    5 no longer cleans up BPE text, so the expected strings are written out."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    assert json.loads((llama3 / "tokenizer_config.json").read_text())["clean_up_tokenization_spaces"] is True
+    chat = load_chat_tokenizer(llama3)
+    assert chat.clean_up_spaces
+    auto = AutoTokenizer.from_pretrained(str(llama3))
+    for text, expected in (("It is an acid . It isn't basic , is it ?<|eot_id|>",
+                            "It is an acid. It isn't basic, is it?<|eot_id|>"),
+                           ("[C][C][O]<|eot_id|>\n", "[C][C][O]<|eot_id|>\n"),
+                           (" 1.5 g/mol<|end_of_text|>", " 1.5 g/mol<|end_of_text|>")):
+        ids = chat.encode(text)
+        assert auto.decode(ids) == text  # the ids are the text's, special tokens included
+        assert chat.decode_like_transformers(ids) == expected
+
+
 def test_reference_text_metrics_on_llama3_pieces_follow_the_public_recipe(llama3):
     """`omnimol eval` scores text tasks on the tokenizer's pieces of the raw answer; the public calc_mocap_metrics
     tokenizes with transformers (pieces cut to 512; transformers 4 truncated there, 5 no longer does, so the cut is
