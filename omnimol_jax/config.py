@@ -78,6 +78,8 @@ class MoGEConfig:
 
     enabled: bool = False
     layers: MoGELayerSet = "last_quarter"
+    # Exactly these layers instead (the public code's `moe_layers_idx`; its moe_mode `sparse` is [0, 4, 8, ...]).
+    layer_list: tuple[int, ...] = ()
     num_experts: int = 5
     num_shared_experts: int = 1
     top_k: int = 2
@@ -109,6 +111,8 @@ class MoGEConfig:
     def layer_indices(self, num_layers: int) -> tuple[int, ...]:
         if not self.enabled:
             return ()
+        if self.layer_list:
+            return tuple(sorted(set(self.layer_list)))
         selections = {
             "last_quarter": range(num_layers - num_layers // 4, num_layers),
             "first_half": range(num_layers // 2),
@@ -182,6 +186,9 @@ class ModelConfig:
         if self.moge.enabled:
             _require(len(self.moge.layer_indices(self.num_layers)) > 0, "model.moge.layers",
                      f"'{self.moge.layers}' selects no layer of {self.num_layers}")
+            outside = [i for i in self.moge.layer_list if not 0 <= i < self.num_layers]
+            _require(not outside, "model.moge.layer_list",
+                     f"{outside} are not layers of a {self.num_layers}-layer model (0 to {self.num_layers - 1})")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,10 +34,10 @@ LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, rope_factor=32.0, ro
                    rope_high_freq_factor=4.0, rope_original_max_position_embeddings=128)
 
 
-def _config(moge: bool, *, tied=True, shared=1, norm_topk=False, expert_ranks=None):
+def _config(moge: bool, *, tied=True, shared=1, norm_topk=False, expert_ranks=None, layer_list=()):
     lora = dict(enabled=True, rank=4, dropout=0.0)
     moge_config = dict(enabled=moge, layers="second_half", num_experts=5, top_k=2, num_shared_experts=shared,
-                       norm_topk_prob=norm_topk, expert_ranks=expert_ranks)
+                       norm_topk_prob=norm_topk, expert_ranks=expert_ranks, layer_list=layer_list)
     return model_config_from_preset("tiny", vocab_size=384, num_layers=4, max_position_embeddings=1024,
                                     tie_word_embeddings=tied, lora=lora, moge=moge_config, **LLAMA3_ROPE)
 
@@ -114,14 +114,16 @@ def test_lora_peft_adapter_loads_with_stock_peft_and_gives_the_same_logits(tmp_p
     assert cli_main(["check-hf", "--checkpoint", str(checkpoint), "--hf", str(out), "--seq-lens", "7,64"]) == 0
 
 
-@pytest.mark.parametrize("shared, norm_topk, expert_ranks", [(1, False, None), (0, True, (4, 2, 3, 4, 1))],
-                         ids=["shared-expert", "no-shared-normalised-mixed-ranks"])
-def test_moge_export_is_a_stock_qwen2_moe_with_the_same_logits(tmp_path, shared, norm_topk, expert_ranks):
-    config = _config(moge=True, shared=shared, norm_topk=norm_topk, expert_ranks=expert_ranks)
+@pytest.mark.parametrize("shared, norm_topk, expert_ranks, layer_list, dense",
+                         [(1, False, None, (), [0, 1]), (0, True, (4, 2, 3, 4, 1), (0, 2), [1, 3])],
+                         ids=["shared-expert", "no-shared-normalised-mixed-ranks-layer-list"])
+def test_moge_export_is_a_stock_qwen2_moe_with_the_same_logits(tmp_path, shared, norm_topk, expert_ranks, layer_list,
+                                                               dense):
+    config = _config(moge=True, shared=shared, norm_topk=norm_topk, expert_ranks=expert_ranks, layer_list=layer_list)
     checkpoint, model = _lm_checkpoint(tmp_path, config, seed=2)
     out = export_hf(checkpoint, tmp_path / "hf", progress=False)
     hf_config = json.loads((out / "config.json").read_text())
-    assert hf_config["architectures"] == ["Qwen2MoeForCausalLM"] and hf_config["mlp_only_layers"] == [0, 1]
+    assert hf_config["architectures"] == ["Qwen2MoeForCausalLM"] and hf_config["mlp_only_layers"] == dense
     assert hf_config["qkv_bias"] is False and hf_config["norm_topk_prob"] is norm_topk
     hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True, dtype=torch.float32)
     assert type(hf).__name__ == "Qwen2MoeForCausalLM"

@@ -84,3 +84,16 @@ def test_preset_parameter_counts_match_published_models(preset, expected):
 
 def test_small_preset_is_in_the_benchmark_range():
     assert 50e6 <= count_parameters(model_config_from_preset("small")) <= 100e6
+
+
+def test_moge_layers_by_name_or_by_explicit_list():
+    """Named sets, or the public code's explicit `moe_layers_idx` (its moe_mode `sparse` is layers 0, 4, 8, ...)."""
+    named = load_config(BASE_CONFIG, ["model.num_layers=12", "model.moge.enabled=true", "model.lora.enabled=true",
+                                      "model.moge.layers=every_4th"])
+    assert named.model.moge.layer_indices(12) == (3, 7, 11)
+    listed = load_config(BASE_CONFIG, ["model.num_layers=12", "model.moge.enabled=true", "model.lora.enabled=true",
+                                       "model.moge.layer_list=[8, 0, 4]"])
+    assert listed.model.moge.layer_indices(12) == (0, 4, 8)
+    with pytest.raises(ConfigError, match=r"model.moge.layer_list: \[12\] are not layers of a 12-layer model"):
+        load_config(BASE_CONFIG, ["model.num_layers=12", "model.moge.enabled=true", "model.lora.enabled=true",
+                                  "model.moge.layer_list=[0, 12]"])
