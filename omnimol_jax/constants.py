@@ -26,3 +26,7 @@ NUM_BOND_FEATURES = {"omnimol": 2, "ogb": 3}
 # Embedding-table sizes of the MoleculeSTM GIN (OGB AtomEncoder / BondEncoder with the ogb 1.2 lists).
 OGB_ATOM_FEATURE_DIMS: tuple[int, ...] = (119, 4, 12, 12, 10, 6, 6, 2, 2)
 OGB_BOND_FEATURE_DIMS: tuple[int, ...] = (5, 6, 2)
+
+# The graph side of an exported full model (written by convert/hf_export.py, read by convert/torch_graph_encoder.py)
+GRAPH_ENCODER_FILE = "graph_encoder.safetensors"
+GRAPH_ENCODER_CONFIG = "graph_encoder.json"

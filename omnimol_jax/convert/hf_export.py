@@ -39,6 +39,7 @@ from omnimol_jax.checkpoint import (
     read_metadata,
 )
 from omnimol_jax.config import ModelConfig
+from omnimol_jax.constants import GRAPH_ENCODER_CONFIG, GRAPH_ENCODER_FILE
 from omnimol_jax.convert import safetensors_io as st
 from omnimol_jax.convert.hf_llama import (
     NUMPY_DTYPES,
@@ -52,8 +53,6 @@ from omnimol_jax.model.lora import lora_scale
 
 FORMATS = ("auto", "llama", "peft", "qwen2-moe")
 ADAPTER_DIR = "adapter"
-GRAPH_ENCODER_FILE = "graph_encoder.safetensors"  # read by convert/torch_graph_encoder.py
-GRAPH_ENCODER_CONFIG = "graph_encoder.json"
 Path_ = tuple[str, ...]
 
 

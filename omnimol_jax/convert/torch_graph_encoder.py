@@ -16,7 +16,6 @@ The GIN computes SPEC.md section 1 (batch norms in eval mode, message passing as
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -24,11 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from omnimol_jax.constants import IMAGE_TOKEN_ID
-
-GRAPH_ENCODER_FILE = "graph_encoder.safetensors"
-GRAPH_ENCODER_CONFIG = "graph_encoder.json"
-_SELFIES = re.compile(r"(\[[^\[\]]+\])+")
+from omnimol_jax.constants import GRAPH_ENCODER_CONFIG, GRAPH_ENCODER_FILE, IMAGE_TOKEN_ID
 
 
 class FeatureEmbedding(nn.Module):
@@ -107,13 +102,11 @@ class GraphEncoder(nn.Module):
         return encoder.eval()
 
     def featurize(self, molecule: str):
-        """A SELFIES string (every character inside [...] symbols) or a SMILES string -> MolGraph, in the feature
-        mode the model was trained with. A string that is both (e.g. '[Na+]') is the same molecule either way."""
-        from omnimol_jax.data.featurize import selfies_to_graph, smiles_to_graph
+        """A SELFIES or SMILES string (components joined by '.') -> MolGraph, read as `omnimol generate` reads a
+        molecule input, in the feature mode the model was trained with."""
+        from omnimol_jax.data.molecules import graph_for, input_as_selfies
 
-        mode = self.graph_config["feature_mode"]
-        return selfies_to_graph(molecule, mode) if _SELFIES.fullmatch(molecule.strip()) else \
-            smiles_to_graph(molecule, mode)
+        return graph_for("input", input_as_selfies("input", molecule), mode=self.graph_config["feature_mode"])
 
     def forward(self, graph) -> torch.Tensor:
         """[atoms, model_dim]: the projected vector of every heavy atom of one MolGraph."""

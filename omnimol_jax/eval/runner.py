@@ -239,8 +239,8 @@ def report_conventions(store, task_ids: dict[str, list[str]], protocols: Sequenc
         conventions["lev_ge_t"] = ("share of answers whose normalised Levenshtein similarity to the target string "
                                    "is >= t, as intended (the public code's 'Accuracy' compares token lists and "
                                    "is always 0)")
-    without_raw = sum(not isinstance(store.records[i].get("raw"), str) for ids in task_ids.values() for i in ids
-                      if i in store)
+    without_raw = answers.record_answers([store.records[i] for ids in task_ids.values() for i in ids if i in store],
+                                         PROTOCOL_REFERENCE)[1]
     if without_raw and PROTOCOL_REFERENCE in protocols:
         conventions["raw answers"] = (f"{without_raw} records of {store.path} have no raw answer (written by an "
                                       "older version): the reference protocol read their clean answer; rerun "
