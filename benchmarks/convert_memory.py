@@ -6,9 +6,12 @@ mark (VmHWM), reset after imports so that library code does not count.
 
     python benchmarks/convert_memory.py [--hidden 1024 --layers 4 --vocab 32000]
     python benchmarks/convert_memory.py --moge small
+    python benchmarks/convert_memory.py --release small
 The second form exports a MoGE checkpoint of a preset (LoRA on every projection, MoGE on the second half, B and
 the routers random) as a Qwen2-MoE folder, whose output is several times the stored model (one merged FFN per
-expert): the bound is still the stored model plus tensors in flight. Prints one JSON object.
+expert): the bound is still the stored model plus tensors in flight. The third writes a full Omni-Mol model of the
+preset with MoGE in the released layout (export-release) and measures `import-release` of it and `export-release`
+back. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -27,8 +30,10 @@ import json, sys, time
 from pathlib import Path
 from omnimol_jax.convert.hf_export import export_hf
 from omnimol_jax.convert.hf_llama import import_hf
+from omnimol_jax.convert.release import export_release, import_release
 import omnimol_jax.checkpoint as ck
 import numpy as np
+import torch  # release files are torch .bin files; its import is library code, not conversion memory
 # Warm up Orbax/tensorstore once so their one-time allocations are not counted.
 with __import__("tempfile").TemporaryDirectory() as d:
     ck.save_params(Path(d), {("w",): np.zeros(4, np.float32)})
@@ -43,6 +48,10 @@ base = rss("VmRSS")
 start = time.perf_counter()
 if sys.argv[1] == "import":
     import_hf(sys.argv[2], sys.argv[3], progress=False)
+elif sys.argv[1] == "import-release":
+    import_release(sys.argv[2], sys.argv[3], moleculestm=sys.argv[4], base=sys.argv[5], progress=False)
+elif sys.argv[1] == "export-release":
+    export_release(sys.argv[2], sys.argv[3], base=sys.argv[4], progress=False)
 else:
     export_hf(sys.argv[2], sys.argv[3], progress=False)
 print(json.dumps({"baseline_rss": base, "peak_rss": rss("VmHWM"), "seconds": time.perf_counter() - start}))
@@ -67,20 +76,22 @@ def write_random_hf(folder: Path, hidden: int, layers: int, vocab: int, ffn: int
     return {"model_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "tensors": len(sizes)}
 
 
-def write_moge_checkpoint(folder: Path, preset: str) -> dict:
-    """A random LoRA + MoGE checkpoint of `preset` (B and routers nonzero, so every merge does real work)."""
+def write_moge_checkpoint(folder: Path, preset: str, full: bool = False) -> dict:
+    """A random LoRA + MoGE checkpoint of `preset` (B and routers nonzero, so every merge does real work); with
+    `full`, the whole Omni-Mol model (graph tower and projector too)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from omnimol_jax.checkpoint import module_state, save_model_checkpoint
-    from omnimol_jax.config import model_config_from_preset
+    from omnimol_jax.checkpoint import module_state, omnimol_constructor, save_model_checkpoint, write_metadata
+    from omnimol_jax.config import GraphConfig, model_config_from_preset
     from omnimol_jax.model.llama import LlamaForCausalLM
     from omnimol_jax.model.lora import LoRAWeight
 
     config = model_config_from_preset(preset, lora={"enabled": True, "rank": 64},
                                       moge={"enabled": True, "layers": "second_half"})
-    model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    graph = GraphConfig()
+    model = omnimol_constructor(config, graph)() if full else LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     key = jax.random.key(1)
     for path, variable in nnx.to_flat_state(nnx.state(model, LoRAWeight)):
         if path[-1] == "b":
@@ -88,6 +99,9 @@ def write_moge_checkpoint(folder: Path, preset: str) -> dict:
             variable.set_value(0.01 * jax.random.normal(sub, variable.get_value().shape, jnp.float32))
     params = module_state(model)
     save_model_checkpoint(folder, config, params)
+    if full:
+        import dataclasses
+        write_metadata(folder, config, {"graph": dataclasses.asdict(graph)})
     sizes = [int(np.prod(v.shape)) * v.dtype.itemsize for v in params.values()]
     return {"model_bytes": sum(sizes), "largest_tensor_bytes": max(sizes), "tensors": len(sizes), "preset": preset}
 
@@ -107,7 +121,26 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--moge", metavar="PRESET", help="measure the Qwen2-MoE export of a MoGE model instead")
+    parser.add_argument("--release", metavar="PRESET", help="measure import-release / export-release instead")
     args = parser.parse_args()
+    if args.release:
+        from omnimol_jax.convert.release import export_release
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            sizes = write_moge_checkpoint(tmp / "ckpt", args.release, full=True)
+            release = export_release(tmp / "ckpt", tmp / "release", progress=False)
+            release_bytes = sum(f.stat().st_size for f in release.iterdir() if f.is_file())
+            imported = run_child("import-release", str(release), str(tmp / "imported"),
+                                 str(release / "molecule_model.pth"), str(release / "base"))
+            exported = run_child("export-release", str(tmp / "imported"), str(tmp / "again"), str(release / "base"))
+        result = {"benchmark": "convert_memory_release", **sizes, "release_files_bytes": release_bytes}
+        for name, r in (("import_release", imported), ("export_release", exported)):
+            extra = r["peak_rss"] - r["baseline_rss"]
+            result[name] = {"seconds": round(r["seconds"], 2), "peak_extra_bytes": extra,
+                            "peak_extra_over_model": round(extra / sizes["model_bytes"], 3)}
+        print(json.dumps(result, indent=2))
+        return
     if args.moge:
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from omnimol_jax.config import GraphConfig
+from omnimol_jax.convert import torch_files
 from omnimol_jax.errors import InputError
 from omnimol_jax.model.gin import GIN
 
@@ -80,18 +81,10 @@ def _variable_at(module: nnx.Module, path: Path) -> nnx.Variable:
 
 def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """A torch state dict file as numpy arrays (floating tensors as float32), loaded with weights_only=True."""
-    import torch  # only needed for importing torch files
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise MoleculeSTMImportError(f"{path}: no such checkpoint file")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for corrupt or unsafe files
-        raise MoleculeSTMImportError(f"{path}: cannot be read as a weights-only torch file ({error})") from None
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise MoleculeSTMImportError(f"{path}: expected a flat state dict of tensors, got {type(loaded).__name__}")
-    return {str(k): (v.detach().float() if v.is_floating_point() else v.detach()).numpy() for k, v in loaded.items()}
+        return torch_files.read_state_dict(path, float32=True)
+    except torch_files.TorchFileError as error:
+        raise MoleculeSTMImportError(str(error)) from None
 
 
 def _detect_prefix(keys: list[str]) -> str:
