@@ -89,9 +89,16 @@ def _export_hf(args) -> int:
 
 
 def _import_release(args) -> int:
+    from omnimol_jax.checkpoint import read_metadata
     from omnimol_jax.convert.release import import_release
-    return _run(import_release, checkpoint=args.checkpoint, out=args.out, base=args.base, moleculestm=args.moleculestm,
+    from omnimol_jax.convert.release_layout import adapter_overrides
+
+    code = _run(import_release, checkpoint=args.checkpoint, out=args.out, base=args.base, moleculestm=args.moleculestm,
                 projector=args.projector, dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    config, _ = read_metadata(args.out)
+    print(f"eval/generate: --checkpoint {args.out}; to train from it: init.checkpoint={args.out} "
+          + " ".join(adapter_overrides(config)))
+    return code
 
 
 def _export_release(args) -> int:

@@ -16,6 +16,7 @@ Layout facts the table encodes:
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any, Optional
 
 import numpy as np
@@ -319,6 +320,19 @@ def _mode_of(layers: list[int], num_layers: int) -> str:
         if select(num_layers) == layers:
             return mode
     return "dense"  # moe_layers_idx, written beside it, overrides the mode
+
+
+def adapter_overrides(config: ModelConfig) -> list[str]:
+    """`key=value` overrides that give a run config this model's LoRA and MoGE settings (for train init.checkpoint)."""
+    out = []
+    for section, value, default in (("lora", config.lora, LoRAConfig()), ("moge", config.moge, MoGEConfig())):
+        for field in dataclasses.fields(value):
+            mine, theirs = getattr(value, field.name), getattr(default, field.name)
+            if mine != theirs:
+                shown = list(mine) if isinstance(mine, tuple) else mine
+                text = json.dumps(shown).replace(" ", "") if isinstance(shown, (list, bool)) else shown
+                out.append(f"model.{section}.{field.name}={text}")
+    return out
 
 
 def adapter_config(config: ModelConfig, base_path: str) -> dict:

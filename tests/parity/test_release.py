@@ -26,10 +26,10 @@ from omnimol_jax.checkpoint import (
     save_omnimol_checkpoint,
 )
 from omnimol_jax.cli import main as cli_main
-from omnimol_jax.config import GraphConfig, model_config_from_preset
+from omnimol_jax.config import GraphConfig, load_config, model_config_from_preset
 from omnimol_jax.constants import IMAGE_TOKEN_ID
 from omnimol_jax.convert.release import export_release, import_release
-from omnimol_jax.convert.release_layout import ReleaseFormatError
+from omnimol_jax.convert.release_layout import ReleaseFormatError, adapter_overrides
 from omnimol_jax.data.featurize import selfies_to_graph
 from omnimol_jax.inference.decoding import build_prompt_batch
 from omnimol_jax.model.lora import LoRA, RouterWeight
@@ -94,6 +94,9 @@ def test_import_matches_the_released_model_and_export_gives_back_the_same_files(
     assert config.moge.num_shared_experts == 1 and not config.moge.norm_topk_prob
     assert list(config.moge.layer_indices(4)) == (moe.get("moe_layers_idx") or [2, 3])
     assert meta["source"]["release_dtype"] == ("bfloat16" if dtype == torch.bfloat16 else "float32")
+    # The overrides import-release prints give a run config this model's adapters, routers and experts.
+    run = load_config(None, ["model.preset=tiny", "model.num_layers=4"] + adapter_overrides(config)).model
+    assert run.lora == config.lora and run.moge == config.moge
     # The reference reads the files (bf16 values exactly, computed in fp32).
     assert_same_logits(ours, load_release(folder, graph))
 
@@ -225,6 +228,7 @@ def test_the_cli_imports_and_refuses_with_exit_2(tmp_path, capsys):
     assert "never holds the graph tower; pass --moleculestm" in capsys.readouterr().err
     assert cli_main(["import-release", "--checkpoint", str(folder), "--moleculestm", str(graph), "--base", str(base),
                      "--out", str(tmp_path / "a"), "--no-progress"]) == 0
+    assert f"init.checkpoint={tmp_path / 'a'} model.lora.enabled=true model.lora.rank=4" in capsys.readouterr().out
     assert cli_main(["export-release", "--checkpoint", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
                      "--base", str(tmp_path), "--no-progress"]) == 2
     assert "config.json" in capsys.readouterr().err and not (tmp_path / "b").exists()
