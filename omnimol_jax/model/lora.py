@@ -159,6 +159,38 @@ class LoRA(nnx.Module):
         return out.reshape((x.shape[0],) + self.out_shape)
 
 
+    # -- stacked (all experts at once, in the rank-r space): the `stacked` MoGE formulation
+
+    def stacked_low_rank(self, x: jax.Array, rng: Optional[jax.Array] = None) -> jax.Array:
+        """[N, E, r]: s_e * dropout_e(x) A_e for every expert e of a stacked adapter, x [N, *in_shape].
+
+        Each expert's dropout mask is the one expert_apply(e, ...) draws (same key, same shape), so the two
+        formulations agree under dropout too. Columns past an expert's own rank are zeroed here, so they never
+        contribute and get no gradient.
+        """
+        a, _ = self.factors()
+        experts, rank = self.num_experts, a.shape[-1]
+        a = a.reshape(experts, -1, rank)
+        x = x.astype(self.compute_dtype)
+        if rng is None or self.config.dropout == 0.0:
+            low = jnp.einsum("ni,eir->ner", x.reshape(x.shape[0], -1), a)
+        else:  # one mask per expert: [E, N, in] inputs (training with dropout only)
+            dropped = jnp.stack([dropout(x, self.config.dropout, fold_rng(rng, e)).reshape(x.shape[0], -1)
+                                 for e in range(experts)])
+            low = jnp.einsum("eni,eir->ner", dropped, a)
+        factor = self.scale()[:, None]
+        mask = self.rank_mask()
+        if mask is not None:
+            factor = factor * mask
+        return low * factor.astype(self.compute_dtype)[None]
+
+    def stacked_expand(self, low: jax.Array) -> jax.Array:
+        """sum_e low[:, e] B_e: [N, E, r] -> [N, *out_shape], one contraction over (expert, rank)."""
+        _, b = self.factors()
+        out = jnp.einsum("ner,ero->no", low, b.reshape(self.num_experts, b.shape[1], -1))
+        return out.reshape((low.shape[0],) + self.out_shape)
+
+
 def _plain_adapters(module: nnx.Module):
     """(frozen projection, its adapter) pairs; MoGE expert adapters are excluded (they share one W)."""
     for _, owner in nnx.iter_modules(module):

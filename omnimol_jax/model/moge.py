@@ -4,11 +4,13 @@ Every expert is the layer's frozen SwiGLU FFN plus its own LoRA on gate, up and 
     E_e(h) = down'_e(silu(gate'_e(h)) * up'_e(h)),   proj'_e = W_proj + s_e B_e A_e
 and the layer computes y(h) = sum_{j in topk(h)} w_j E_j(h) + E_shared(h) with an fp32 softmax router.
 
-Two implementations, selected by `moge.implementation`, give the same numbers:
+Three implementations, selected by `moge.implementation`, give the same numbers:
 - `naive`: each selected expert evaluates its full FFN (the reference's structure: k + 1 FFNs per token).
 - `fused`: the experts share W, so W_gate h and W_up h are computed once per token, and by linearity
   sum_j w_j W_down z_j = W_down (sum_j w_j z_j): one down projection. Only the LoRA parts and the
   elementwise silu-product are per expert (about 1 FFN per token).
+- `stacked`: `fused`'s frozen work, with the LoRA work kept in the rank-r space: x A_e for all experts at once,
+  masked per slot, one contraction with the stacked B; no [tokens, ffn] tensor per expert.
 Experts are evaluated densely (every expert's LoRA on every token, masked by the routing): no sort or
 dynamic shapes, and it shards over the expert axis. `jax.lax.ragged_dot` would compute only routed
 tokens, but XLA:CPU lowers it densely and slower (measured), so it is not used here.
@@ -23,7 +25,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from omnimol_jax.config import ModelConfig
-from omnimol_jax.model.lora import LoRA, RouterWeight, fold_rng
+from omnimol_jax.model.lora import LoRA, RouterWeight, dropout, fold_rng
 from omnimol_jax.sharding import constrain
 
 TOKENS_EMBED = ("activation_batch", "activation_embed")
@@ -86,10 +88,8 @@ class MoGEFeedForward(nnx.Module):
 
         probs, weights, experts = self.route(x)
         selection = jax.nn.one_hot(experts, moge.num_experts, dtype=jnp.float32)  # [N, k, E]
-        if moge.implementation == "fused":
-            y = self._fused(x, weights, selection, rng)
-        else:
-            y = self._naive(x, weights, selection, rng)
+        implementation = {"stacked": self._stacked, "fused": self._fused, "naive": self._naive}
+        y = implementation[moge.implementation](x, weights, selection, rng)
 
         aux_weight = real if moge.aux_loss_ignore_padding else jnp.ones_like(real)
         aux = {"aux_loss": self.aux_loss(probs, experts, aux_weight)}
@@ -103,6 +103,45 @@ class MoGEFeedForward(nnx.Module):
 
     def _expert_rngs(self, rng):
         return fold_rng(rng, 0), fold_rng(rng, 1), fold_rng(rng, 2)
+
+    def _down_dropout(self, z, slot, rng):
+        """The routed experts' down-LoRA input, dropped out with one mask per top-k slot. A token's chosen experts
+        sit in distinct slots, so each (token, expert) still gets its own independent mask, as with one dropout
+        module per expert, but no [tokens, ffn] tensor is needed per expert."""
+        compute_dtype = self.expert_down_lora.compute_dtype
+        return dropout(z.astype(compute_dtype), self.config.lora.dropout, fold_rng(rng, slot))
+
+    def _stacked(self, x, weights, selection, rng):
+        """Like `fused` (frozen gate/up once per token, one frozen down projection of the weighted sum), but the
+        per-expert work stays in the rank-r space: every expert's x A_e at once ([N, E, r]), masked per slot by
+        the routing, then one contraction with the stacked B over (expert, rank). No [N, ffn] tensor per expert
+        is ever formed, so the traffic scales with the k slots, not with the E experts."""
+        moge = self.config.moge
+        rng_gate, rng_up, rng_down = self._expert_rngs(rng)
+        gate_base = constrain(self.gate_proj(x), TOKENS_MLP)
+        up_base = constrain(self.up_proj(x), TOKENS_MLP)
+        gate_low = self.expert_gate_lora.stacked_low_rank(x, rng_gate)  # [N, E, r]
+        up_low = self.expert_up_lora.stacked_low_rank(x, rng_up)
+        combined, down_low = 0.0, 0.0
+        for slot in range(moge.top_k):
+            chosen = selection[:, slot, :, None].astype(gate_low.dtype)  # [N, E, 1]: this slot's expert
+            gate = gate_base + constrain(self.expert_gate_lora.stacked_expand(gate_low * chosen), TOKENS_MLP)
+            up = up_base + constrain(self.expert_up_lora.stacked_expand(up_low * chosen), TOKENS_MLP)
+            z = jax.nn.silu(gate) * up
+            weight = weights[:, slot:slot + 1]
+            combined = combined + weight.astype(z.dtype) * z
+            # expert e's down input is sum over slots of [chose e] w z; its low-rank image is linear in it
+            routed = (selection[:, slot, :, None] * weight[:, :, None]).astype(z.dtype)
+            down_low = down_low + routed * self.expert_down_lora.stacked_low_rank(
+                self._down_dropout(z, slot, rng_down))
+        down_lora = self.expert_down_lora.stacked_expand(down_low)
+        if moge.num_shared_experts:
+            rng_gate, rng_up, rng_down = self._shared_rngs(rng)
+            z = (jax.nn.silu(gate_base + self.shared_gate_lora(x, rng_gate))
+                 * (up_base + self.shared_up_lora(x, rng_up)))
+            combined = combined + z
+            down_lora = down_lora + self.shared_down_lora(z, rng_down)
+        return self.down_proj(constrain(combined, TOKENS_MLP)) + down_lora
 
     def _fused(self, x, weights, selection, rng):
         """Loops over experts, not slots: each expert's low-rank products are computed once for all tokens and
@@ -122,12 +161,13 @@ class MoGEFeedForward(nnx.Module):
                 ups[slot] = ups[slot] + chosen * up_delta
         products = [jax.nn.silu(g) * u for g, u in zip(gates, ups)]
         combined = sum(weights[:, slot:slot + 1].astype(z.dtype) * z for slot, z in enumerate(products))
+        dropped = [self._down_dropout(z, slot, rng_down) for slot, z in enumerate(products)]
         down_lora = 0.0
         for e in range(moge.num_experts):
             # the slot (if any) in which each token chose expert e, weighted: expert e's down input
             routed = sum((selection[:, slot, e:e + 1] * weights[:, slot:slot + 1]).astype(z.dtype) * z
-                         for slot, z in enumerate(products))
-            down_lora = down_lora + self.expert_down_lora.expert_apply(e, routed, rng_down)
+                         for slot, z in enumerate(dropped))
+            down_lora = down_lora + self.expert_down_lora.expert_apply(e, routed)
         if moge.num_shared_experts:
             rng_gate, rng_up, rng_down = self._shared_rngs(rng)
             z = (jax.nn.silu(gate_base + self.shared_gate_lora(x, rng_gate))
@@ -156,7 +196,8 @@ class MoGEFeedForward(nnx.Module):
             xs = own_copy(weights[:, slot:slot + 1])
             z = (jax.nn.silu(self.gate_proj(xs) + expert_delta(self.expert_gate_lora, slot, xs, rng_gate))
                  * (self.up_proj(xs) + expert_delta(self.expert_up_lora, slot, xs, rng_up)))
-            out = self.down_proj(z) + expert_delta(self.expert_down_lora, slot, z, rng_down)
+            out = self.down_proj(z) + expert_delta(self.expert_down_lora, slot, self._down_dropout(z, slot, rng_down),
+                                                   None)
             y = y + weights[:, slot:slot + 1].astype(out.dtype) * out
         if moge.num_shared_experts:
             rng_gate, rng_up, rng_down = self._shared_rngs(rng)

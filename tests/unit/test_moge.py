@@ -72,9 +72,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("implementation", ["fused", "stacked"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_fused_equals_naive_values_aux_and_gradients(case):
-    layer = make_layer(moge_config(**CASES[case]))
+def test_fused_and_stacked_equal_naive_values_aux_and_gradients(case, implementation):
+    layer = make_layer(moge_config(implementation=implementation, **CASES[case]))
     randomize_adapters(layer)
     naive = twin(layer, implementation="naive")
     h = hidden()
@@ -95,8 +96,9 @@ def test_fused_equals_naive_values_aux_and_gradients(case):
     assert float(jnp.abs(flat_f[("expert_down_lora", "gal_p")].get_value()).max()) > 0
 
 
-def test_gal_clipping_at_the_box_edges():
-    config = moge_config()
+@pytest.mark.parametrize("implementation", ["fused", "stacked"])
+def test_gal_clipping_at_the_box_edges(implementation):
+    config = moge_config(implementation=implementation)
     layer = make_layer(config)
     randomize_adapters(layer)
     adapter = layer.expert_gate_lora
@@ -194,10 +196,11 @@ def test_router_statistics_per_task():
     np.testing.assert_allclose(np.asarray(aux["router_load"]), [6 / 11, 5 / 11], atol=1e-6)
 
 
-def test_whole_model_fused_equals_naive_with_dropout_and_task_stats():
+@pytest.mark.parametrize("implementation", ["fused", "stacked"])
+def test_whole_model_fused_and_stacked_equal_naive_with_dropout_and_task_stats(implementation):
     config = dataclasses.replace(moge_config(), num_layers=4,
                                  lora=LoRAConfig(enabled=True, rank=8, dropout=0.1),
-                                 moge=MoGEConfig(enabled=True, layers="second_half"))
+                                 moge=MoGEConfig(enabled=True, layers="second_half", implementation=implementation))
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     randomize_adapters(model)
     naive_cfg = dataclasses.replace(config, moge=dataclasses.replace(config.moge, implementation="naive"))
