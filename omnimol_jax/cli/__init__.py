@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if program:  # a run of the program reuses compiled programs across runs (see caches.py); library calls opt in
+        from omnimol_jax.caches import enable_compilation_cache
+
+        enable_compilation_cache()
     try:
         if debug:
             return int(args.func(args) or 0)

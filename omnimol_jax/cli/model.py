@@ -63,6 +63,11 @@ def _info(args) -> int:
     from omnimol_jax.allocator import SWITCH, in_use
 
     print(f"# malloc: {in_use()} (set {SWITCH}=system for glibc's)")
+    import jax
+
+    from omnimol_jax.caches import SWITCH as CACHE_SWITCH
+
+    print(f"# compilation cache: {jax.config.jax_compilation_cache_dir or 'off'} (set {CACHE_SWITCH}=off or a folder)")
     if args.shardings:
         import jax
         from flax import nnx

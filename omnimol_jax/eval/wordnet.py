@@ -17,12 +17,13 @@ import functools
 import hashlib
 import importlib.metadata
 import logging
-import os
 import shutil
 import tempfile
 import threading
 import warnings
 from pathlib import Path
+
+from omnimol_jax.caches import user_cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +43,7 @@ class WordNetUnavailable(RuntimeError):
 
 
 def cache_dir() -> Path:
-    if os.environ.get("OMNIMOL_CACHE_DIR"):
-        return Path(os.environ["OMNIMOL_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "omnimol-jax"
+    return user_cache_dir()
 
 
 def source_dir() -> Path:
