@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow lint install clean bench
+.PHONY: demo test test-slow test-tpu compile lint install clean bench
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,18 @@ lint: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup -m slow --run-slow $(PYTEST_ARGS) tests
+
+# The TPU half of `omnimol compile`: installs libtpu (the tpu extra, ~700 MB) and runs the AOT tests with it.
+test-tpu: $(STAMP)
+	$(PIP) install --quiet -e ".[test,tpu]"
+	$(PY) -m pytest -q tests/unit/test_aot.py
+
+# Will my run fit? `make compile CONFIG=configs/omnimol_1b.yaml TOPOLOGY=v5p-16` (cpu:N needs no extra)
+CONFIG ?= configs/omnimol_1b.yaml
+TOPOLOGY ?= v5p-16
+compile: $(STAMP)
+	case "$(TOPOLOGY)" in cpu:*) ;; *) $(PIP) install --quiet -e ".[test,tpu]" ;; esac
+	$(VENV)/bin/omnimol compile --config $(CONFIG) --topology $(TOPOLOGY) --out compile-$(subst :,-,$(TOPOLOGY)).json
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e ".[test,bench]"

@@ -52,6 +52,8 @@ setup(
                  "ruff==0.17.6", "import-linter==2.17"],
         # benchmarks/train_step.py compares against transformers + peft
         "bench": ["peft>=0.12"],
+        # omnimol compile --topology v5p-16 etc.: libtpu compiles for TPU slices from any host (no TPU needed)
+        "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },
     entry_points={"console_scripts": ["omnimol=omnimol_jax.cli:main"]},
 )

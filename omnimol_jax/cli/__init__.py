@@ -25,6 +25,7 @@ COMMAND_MODULES: list[str] = [
     "omnimol_jax.cli.convert",
     "omnimol_jax.cli.data",
     "omnimol_jax.cli.train",
+    "omnimol_jax.cli.compile",
     "omnimol_jax.cli.evaluate",
 ]
 

@@ -478,6 +478,19 @@ class Generator:
             self._programs[static] = program
         return program
 
+    def program_for(self, batch: PromptBatch, config: GenerationConfig, *, seeds: Optional[np.ndarray] = None,
+                    constrained: bool = False) -> tuple[Any, tuple]:
+        """(the jitted program for this batch shape and config, its arguments); `omnimol compile` lowers it."""
+        if seeds is None:
+            seeds = np.arange(batch.input_ids.shape[0], dtype=np.int32)
+        static = _Static(config.mode, config.max_new_tokens, config.num_beams, config.top_k,
+                         float(config.length_penalty), bool(constrained), self.pad_token_id)
+        args = (self.state, batch.input_ids, batch.attention_mask, batch.graphs, seeds,
+                np.int32(config.seed % (2 ** 31)), np.float32(max(config.temperature, 1e-6)),
+                np.float32(config.top_p), np.asarray(self.stop_token_ids, np.int32),
+                self._tables if constrained else None)
+        return self._program(static, args), args
+
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig = GenerationConfig(),
                  graphs: Optional[Sequence[Any]] = None, *, row_seeds: Optional[Sequence[int]] = None,
                  constrained: bool = False, rows: Optional[int] = None,
@@ -494,19 +507,12 @@ class Generator:
             raise GenerationError(overflow)
         batch = build_prompt_batch(prompts, graphs, pad_token_id=self.pad_token_id, rows=rows,
                                    min_bucket=self.min_prompt_bucket, record_ids=record_ids)
-        total_rows = batch.input_ids.shape[0]
-        seeds = np.arange(total_rows, dtype=np.int32)
+        seeds = np.arange(batch.input_ids.shape[0], dtype=np.int32)
         if row_seeds is not None:
             if len(row_seeds) != count:
                 raise ValueError(f"{count} prompts but {len(row_seeds)} row seeds")
             seeds[:count] = np.asarray(row_seeds, np.int64) % (2 ** 31)
-        static = _Static(config.mode, config.max_new_tokens, config.num_beams, config.top_k,
-                         float(config.length_penalty), bool(constrained), self.pad_token_id)
-        args = (self.state, batch.input_ids, batch.attention_mask, batch.graphs, seeds,
-                np.int32(config.seed % (2 ** 31)), np.float32(max(config.temperature, 1e-6)),
-                np.float32(config.top_p), np.asarray(self.stop_token_ids, np.int32),
-                self._tables if constrained else None)
-        program = self._program(static, args)
+        program, args = self.program_for(batch, config, seeds=seeds, constrained=constrained)
         with use_mesh(self.mesh):
             out = program(*args)
         out = jax.device_get(out)

@@ -166,6 +166,13 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
     return StepFunctions(train_step=train_step, eval_step=eval_step)
 
 
+def jit_train_step(train_step: Callable, state_shardings: Any, frozen_shardings: Any):
+    """The train step as the trainer runs it (and `omnimol compile` compiles it): explicit shardings of the state
+    and the frozen weights, the batch as placed, the state donated."""
+    return jax.jit(train_step, in_shardings=(state_shardings, frozen_shardings, None),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
 def make_optimizer(train_config) -> tuple[optax.GradientTransformation, Callable]:
     """AdamW with linear warmup and cosine decay, after global-norm clipping (SPEC.md section 4)."""
     warmup = int(round(train_config.warmup_ratio * train_config.max_steps))

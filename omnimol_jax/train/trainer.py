@@ -55,7 +55,14 @@ from omnimol_jax.train.hooks import (
 from omnimol_jax.train.metrics_log import MetricLogger, plot_run
 from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.run_directory import RunDirectory
-from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
+from omnimol_jax.train.step import (
+    StateLayout,
+    TrainState,
+    flatten_state,
+    jit_train_step,
+    make_optimizer,
+    make_step_functions,
+)
 from omnimol_jax.train.validation import Validation
 
 logger = logging.getLogger(__name__)
@@ -304,8 +311,7 @@ class Trainer:
             data.close()
             self.checkpoints.close()
             return RunResult(start_step, "already_complete", start_step, self.output_dir, [], final_state=state)
-        train_step = jax.jit(self._train_step_fn, in_shardings=(state_shardings, frozen_shardings, None),
-                             out_shardings=(state_shardings, None), donate_argnums=(0,))
+        train_step = jit_train_step(self._train_step_fn, state_shardings, frozen_shardings)
         run = RunState(state=state, data=data, start_step=start_step)
         metric_logger = (MetricLogger(self.output_dir, self.task_names, resume_step=start_step,
                                       max_steps=cfg.train.max_steps) if self.process_index == 0 else None)

@@ -1,0 +1,266 @@
+"""Ahead-of-time compilation of a run's programs for devices this host does not have (`omnimol compile`).
+
+As MaxText's train_compile: the config's mesh is built over the target's devices (a TPU slice described by libtpu,
+or fake CPU devices), every parameter, optimizer slot and batch array is an abstract `ShapeDtypeStruct` with the
+sharding the trainer would give it, and the real jitted train step (shardings, donation, remat as configured) and
+the generation program are lowered and compiled. Nothing is allocated. XLA's memory and cost analyses then say,
+per device, whether the program fits the chip's memory and what the roofline allows.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from omnimol_jax import checkpoint as model_ckpt
+from omnimol_jax.aot.topology import Target
+from omnimol_jax.config import Config, parse_mixture
+from omnimol_jax.constants import NUM_ATOM_FEATURES, NUM_BOND_FEATURES
+from omnimol_jax.data.loader import leaf_sharding, model_batch
+from omnimol_jax.data.packing import BatchAssembler, single_sample_row
+from omnimol_jax.inference.decoding import GenerationConfig, Generator, build_prompt_batch
+from omnimol_jax.sharding import batch_sharding, build_mesh, state_shardings, use_mesh
+from omnimol_jax.tasks import PAPER_TASKS, TASK_KEYS
+from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.step import (
+    StateLayout,
+    TrainState,
+    flatten_state,
+    jit_train_step,
+    make_optimizer,
+    make_step_functions,
+)
+
+DTYPE_BYTES = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+         "s64": 8, "u64": 8, "f64": 8}
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    """One compiled program, per device."""
+
+    name: str
+    compile_s: float
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int           # outputs written into donated arguments (not counted twice)
+    temp_bytes: int
+    code_bytes: int
+    flops: float
+    bytes_accessed: float
+    hbm_bytes: int
+    peak_flops: float
+    hbm_bandwidth: float
+    largest_temporaries: list[str]
+    model_flops: float = 0.0   # the useful FLOPs (6 N D for training), for the MFU bound
+
+    @property
+    def total_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes - self.alias_bytes + self.temp_bytes + self.code_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.hbm_bytes
+
+    @property
+    def step_time_bound_s(self) -> float:
+        """The roofline: the step takes at least its FLOPs at peak and at least its bytes at full bandwidth."""
+        return max(self.flops / self.peak_flops, self.bytes_accessed / self.hbm_bandwidth)
+
+    @property
+    def bound_by(self) -> str:
+        return "compute" if self.flops / self.peak_flops >= self.bytes_accessed / self.hbm_bandwidth else "memory"
+
+    @property
+    def mfu_bound(self) -> float:
+        """The MFU the roofline allows: XLA's FLOPs over peak x the bound (at most 1)."""
+        bound = self.step_time_bound_s
+        return self.flops / (self.peak_flops * bound) if bound > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.update(total_bytes=self.total_bytes, fits=self.fits, step_time_bound_s=self.step_time_bound_s,
+                   bound_by=self.bound_by, mfu_bound=round(self.mfu_bound, 4),
+                   arithmetic_intensity=self.flops / max(self.bytes_accessed, 1.0),
+                   ridge_point=self.peak_flops / self.hbm_bandwidth)
+        return out
+
+
+def _analysis(compiled) -> tuple[dict, Any]:
+    cost = compiled.cost_analysis()
+    cost = (cost[0] if isinstance(cost, (list, tuple)) and cost else cost) or {}
+    return cost, compiled.memory_analysis()
+
+
+def largest_temporaries(compiled, count: int = 5) -> list[str]:
+    """The biggest arrays the optimized program computes (from its HLO text; best effort): 'shape op_name'."""
+    try:
+        text = compiled.as_text()
+    except Exception:  # noqa: BLE001 - some backends cannot print the optimized program
+        return []
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if " = " not in line or line.startswith(("ROOT", "//")) or "parameter(" in line:
+            continue
+        head = line.split(" = ", 1)[1]
+        match = DTYPE_BYTES.match(head)
+        if not match:
+            continue
+        dims = [int(d) for d in match.group(2).split(",") if d]
+        size = BYTES[match.group(1)] * int(np.prod(dims, dtype=np.int64))
+        name = re.search(r'op_name="([^"]+)"', line)
+        label = f"{match.group(1)}[{match.group(2)}] {name.group(1) if name else head.split('(')[0]}"
+        found[label] = max(found.get(label, 0), size)
+    top = sorted(found.items(), key=lambda kv: -kv[1])[:count]
+    return [f"{size / 2 ** 20:.1f} MiB {label}" for label, size in top]
+
+
+def _report(name: str, compiled, compile_s: float, target: Target, model_flops: float = 0.0) -> ProgramReport:
+    cost, memory = _analysis(compiled)
+    return ProgramReport(
+        name=name, compile_s=round(compile_s, 2),
+        argument_bytes=int(getattr(memory, "argument_size_in_bytes", 0)),
+        output_bytes=int(getattr(memory, "output_size_in_bytes", 0)),
+        alias_bytes=int(getattr(memory, "alias_size_in_bytes", 0)),
+        temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0)),
+        code_bytes=int(getattr(memory, "generated_code_size_in_bytes", 0)),
+        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        hbm_bytes=target.hbm_bytes, peak_flops=target.peak_flops, hbm_bandwidth=target.hbm_bandwidth,
+        largest_temporaries=largest_temporaries(compiled), model_flops=model_flops)
+
+
+def num_tasks(config: Config) -> int:
+    entries = parse_mixture(config.data.tasks, config.data.mixture)
+    if entries[0][0] == "all":
+        return len(TASK_KEYS)
+    if entries[0][0] == "paper":
+        return len(PAPER_TASKS)
+    return len(entries)
+
+
+def host_batch(config: Config) -> dict:
+    """One host batch of the configured shapes (what the pipeline hands the step), from empty rows."""
+    data, mode = config.data, config.graph.feature_mode
+    sample = {"input_ids": np.zeros(1, np.int32), "labels": np.zeros(1, np.int32), "task_id": np.zeros(1, np.int32),
+              "node_features": np.zeros((0, NUM_ATOM_FEATURES[mode]), np.int32),
+              "edge_index": np.zeros((0, 2), np.int32), "edge_features": np.zeros((0, NUM_BOND_FEATURES[mode]),
+                                                                                  np.int32)}
+    row = single_sample_row(sample, data.seq_len, data.row_nodes, data.row_edges, pad_id=0)
+    row["task_id"] = np.zeros(data.segments_per_row, np.int32)
+    row["task_id_segment_ids"] = (np.arange(data.segments_per_row) == 0).astype(np.int32)
+    return model_batch(BatchAssembler(data.batch_size, data.segments_per_row, 0)([row] * data.batch_size))
+
+
+def abstract_micro_batches(config: Config, mesh, num_hosts: int) -> Any:
+    """[grad_accum, global batch, ...] abstract arrays with the loader's shardings (batch axis split)."""
+    accum = config.train.grad_accum_steps
+    data_sharding = batch_sharding(mesh)
+
+    def abstract(array):
+        array = np.asarray(array)
+        global_shape = (array.shape[0] * num_hosts,) + array.shape[1:]
+        inner = leaf_sharding(data_sharding, np.empty(global_shape, array.dtype), 1)
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, *tuple(inner.spec)))
+        return jax.ShapeDtypeStruct((accum,) + global_shape, array.dtype, sharding=sharding)
+
+    return jax.tree.map(abstract, host_batch(config))
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def compile_train_step(config: Config, target: Target) -> ProgramReport:
+    """Lowers and compiles the trainer's jitted step for `target` (see the module docstring)."""
+    mesh = build_mesh(config.mesh, target.devices)
+    abstract_model = nnx.eval_shape(model_ckpt.omnimol_constructor(config.model, config.graph, seed=config.seed))
+    graphdef, abstract_state = nnx.split(abstract_model)
+    model = nnx.merge(graphdef, _with_shardings(abstract_state, state_shardings(abstract_state, mesh)))
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(config.train.stage, config.train.unfreeze), ...)
+    layout = StateLayout.of(trainable)
+    flat_trainable = flatten_state(trainable)
+    tx, schedule = make_optimizer(config.train)
+    steps = make_step_functions(graphdef, layout, tx, num_tasks=num_tasks(config),
+                                aux_loss_coef=config.model.moge.aux_loss_coef,
+                                task_balanced=config.train.task_balanced_loss, schedule=schedule)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    with use_mesh(mesh):
+        # The optimizer state is laid out as the trainer's eager tx.init lays it out: like its parameters.
+        init = jax.jit(tx.init).lower(flat_trainable).compile()
+        opt_state = _with_shardings(jax.eval_shape(tx.init, flat_trainable), init.output_shardings)
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    key = jax.ShapeDtypeStruct(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape, jnp.uint32,
+                               sharding=replicated)
+    state = TrainState(step=scalar, trainable=flat_trainable, opt_state=opt_state, rng=key,
+                       nonfinite_in_a_row=scalar, skipped_total=scalar)
+    state_shardings_tree = jax.tree.map(lambda x: x.sharding, state)
+    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    batches = abstract_micro_batches(config, mesh, target.num_hosts)
+    train_step = jit_train_step(steps.train_step, state_shardings_tree, frozen_shardings)
+    start = time.perf_counter()
+    with use_mesh(mesh):
+        compiled = train_step.lower(state, frozen, batches).compile()
+    seconds = time.perf_counter() - start
+    tokens = int(np.prod(batches["input_ids"].shape))
+    trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(flat_trainable))
+    frozen_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
+    # 6 N D if everything trained; frozen weights need the forward and the input gradient only (4 N D).
+    model_flops = (6 * trained + 4 * frozen_count) * tokens / len(target.devices)
+    return _report("train_step", compiled, seconds, target, model_flops)
+
+
+def compile_generation(config: Config, target: Target, rows: int, prompt_len: int, new_tokens: int
+                       ) -> ProgramReport:
+    """The greedy generation program (prefill of a left-padded prompt batch + the decode loop) for `target`."""
+    mesh = build_mesh(config.mesh, target.devices)
+    abstract_model = nnx.eval_shape(model_ckpt.omnimol_constructor(config.model, config.graph, seed=config.seed))
+    pad = config.model.pad_token_id or 0
+    generator = Generator(abstract_model, pad_token_id=pad, stop_token_ids=[config.model.eos_token_id or 1],
+                          mesh=mesh)
+    batch = build_prompt_batch([[1] * prompt_len] * rows, None, pad_token_id=pad, bucket=prompt_len)
+    program, args = generator.program_for(batch, GenerationConfig(max_new_tokens=new_tokens))
+    start = time.perf_counter()
+    with use_mesh(mesh):
+        compiled = program.lower(*args).compile()
+    seconds = time.perf_counter() - start
+    return _report("generate", compiled, seconds, target)
+
+
+def report_table(target: Target, reports: list[ProgramReport]) -> str:
+    gib = 2 ** 30
+    lines = [f"target {target.name}: {len(target.devices)} x {target.device_kind} ({target.num_hosts} host(s)), "
+             f"{target.hbm_bytes / gib:.1f} GiB per device, peak {target.peak_flops / 1e12:.3g} TFLOP/s, "
+             f"{target.hbm_bandwidth / 1e9:.0f} GB/s"]
+    for r in reports:
+        lines += [
+            f"{r.name}: {'FITS' if r.fits else 'DOES NOT FIT'} - {r.total_bytes / gib:.2f} of "
+            f"{r.hbm_bytes / gib:.1f} GiB per device (compiled in {r.compile_s:.1f} s)",
+            f"  arguments {r.argument_bytes / gib:.2f} GiB, outputs {r.output_bytes / gib:.2f} GiB "
+            f"(aliased {r.alias_bytes / gib:.2f}), temporaries {r.temp_bytes / gib:.2f} GiB, code "
+            f"{r.code_bytes / 2 ** 20:.1f} MiB",
+            f"  {r.flops / 1e12:.3f} TFLOP and {r.bytes_accessed / 1e9:.2f} GB accessed per step and device "
+            f"({r.flops / max(r.bytes_accessed, 1):.0f} FLOP/byte, ridge {r.peak_flops / r.hbm_bandwidth:.0f})",
+            f"  step time >= {r.step_time_bound_s * 1e3:.1f} ms ({r.bound_by}-bound); MFU bound {r.mfu_bound:.2f}"]
+        if r.largest_temporaries:
+            lines.append("  largest temporaries: " + "; ".join(r.largest_temporaries[:3]))
+    return "\n".join(lines)
+
+
+def compile_run(config: Config, target: Target, programs: tuple[str, ...] = ("train", "generate"),
+                prompt_len: Optional[int] = None, new_tokens: int = 64) -> list[ProgramReport]:
+    reports = []
+    if "train" in programs:
+        reports.append(compile_train_step(config, target))
+    if "generate" in programs:
+        rows = max(config.data.batch_size * target.num_hosts, 1)
+        reports.append(compile_generation(config, target, rows, prompt_len or min(config.data.seq_len, 512),
+                                          new_tokens))
+    return reports
