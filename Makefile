@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-tpu compile lint install clean bench
+.PHONY: demo test test-slow test-tpu compile lint install clean bench bench-device
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,10 @@ TOPOLOGY ?= v5p-16
 compile: $(STAMP)
 	case "$(TOPOLOGY)" in cpu:*) ;; *) $(PIP) install --quiet -e ".[test,tpu]" ;; esac
 	$(VENV)/bin/omnimol compile --config $(CONFIG) --topology $(TOPOLOGY) --out compile-$(subst :,-,$(TOPOLOGY)).json
+
+# forward, train step, generation and the MoGE formulations on this machine's accelerator: one JSON
+bench-device:
+	bash benchmarks/device_suite.sh --out device_suite.json
 
 bench: $(STAMP)
 	$(PIP) install --quiet -e ".[test,bench]"
