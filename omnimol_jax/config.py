@@ -408,6 +408,8 @@ class TrainConfig:
     grad_clip_norm: float = 1.0          # 0 disables clipping
     grad_accum_steps: int = 1            # micro-batches (of data.batch_size rows) per optimizer step
     task_balanced_loss: bool = False     # mean over tasks of L_t / stopgrad(L_t + 1e-5), per micro-batch
+    # Output head + CE this many positions at a time, so [batch, seq, vocab] fp32 logits never exist (0: at once)
+    loss_chunk: int = 512
     log_every: int = 10
     eval_every: int = 0                  # 0: evaluate only at the end
     eval_batches: int = 8                # validation batches (test split) per evaluation
@@ -433,6 +435,7 @@ class TrainConfig:
         _require(self.learning_rate > 0, "train.learning_rate", f"must be > 0, got {self.learning_rate}")
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _require(self.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(self.loss_chunk >= 0, "train.loss_chunk", f"must be >= 0 (0: no chunking), got {self.loss_chunk}")
         for key in ("log_every", "checkpoint_every", "keep_checkpoints", "max_consecutive_nonfinite", "eval_batches"):
             _require(getattr(self, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(self, key)}")
         _require(self.eval_every >= 0, "train.eval_every",

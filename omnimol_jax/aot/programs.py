@@ -60,6 +60,7 @@ class ProgramReport:
     hbm_bandwidth: float
     largest_temporaries: list[str]
     model_flops: float = 0.0   # the useful FLOPs (6 N D for training), for the MFU bound
+    compiler_error: str = ""   # the TPU compiler refuses a program that exceeds HBM: its message
 
     @property
     def total_bytes(self) -> int:
@@ -67,7 +68,7 @@ class ProgramReport:
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= self.hbm_bytes
+        return not self.compiler_error and self.total_bytes <= self.hbm_bytes
 
     @property
     def step_time_bound_s(self) -> float:
@@ -121,6 +122,31 @@ def largest_temporaries(compiled, count: int = 5) -> list[str]:
         found[label] = max(found.get(label, 0), size)
     top = sorted(found.items(), key=lambda kv: -kv[1])[:count]
     return [f"{size / 2 ** 20:.1f} MiB {label}" for label, size in top]
+
+
+SIZE = re.compile(r"([\d.]+)\s*([KMGT]?)i?B?\)")
+OUT_OF_MEMORY = ("RESOURCE_EXHAUSTED", "Ran out of memory")
+
+
+def _compile(lowered):
+    """(compiled, None), or (None, message) when the compiler refuses the program for its memory (TPU does)."""
+    try:
+        return lowered.compile(), None
+    except Exception as err:  # noqa: BLE001 - jaxlib raises its own runtime error type
+        message = str(err)
+        if not any(marker in message for marker in OUT_OF_MEMORY):
+            raise
+        return None, " ".join(message.split())[:400]
+
+
+def _refused(name: str, message: str, compile_s: float, target: Target) -> ProgramReport:
+    """A program the compiler refused: the temporaries it asked for, as its message states them."""
+    sizes = [float(v) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[u]
+             for v, u in SIZE.findall(message)]
+    return ProgramReport(name=name, compile_s=round(compile_s, 2), argument_bytes=0, output_bytes=0, alias_bytes=0,
+                         temp_bytes=int(sizes[0]) if sizes else 0, code_bytes=0, flops=0.0, bytes_accessed=0.0,
+                         hbm_bytes=target.hbm_bytes, peak_flops=target.peak_flops,
+                         hbm_bandwidth=target.hbm_bandwidth, largest_temporaries=[], compiler_error=message)
 
 
 def _report(name: str, compiled, compile_s: float, target: Target, model_flops: float = 0.0) -> ProgramReport:
@@ -190,7 +216,8 @@ def compile_train_step(config: Config, target: Target) -> ProgramReport:
     tx, schedule = make_optimizer(config.train)
     steps = make_step_functions(graphdef, layout, tx, num_tasks=num_tasks(config),
                                 aux_loss_coef=config.model.moge.aux_loss_coef,
-                                task_balanced=config.train.task_balanced_loss, schedule=schedule)
+                                task_balanced=config.train.task_balanced_loss, schedule=schedule,
+                                loss_chunk=config.train.loss_chunk)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with use_mesh(mesh):
         # The optimizer state is laid out as the trainer's eager tx.init lays it out: like its parameters.
@@ -207,8 +234,10 @@ def compile_train_step(config: Config, target: Target) -> ProgramReport:
     train_step = jit_train_step(steps.train_step, state_shardings_tree, frozen_shardings)
     start = time.perf_counter()
     with use_mesh(mesh):
-        compiled = train_step.lower(state, frozen, batches).compile()
+        compiled, refused = _compile(train_step.lower(state, frozen, batches))
     seconds = time.perf_counter() - start
+    if refused:
+        return _refused("train_step", refused, seconds, target)
     tokens = int(np.prod(batches["input_ids"].shape))
     trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(flat_trainable))
     frozen_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
@@ -229,8 +258,10 @@ def compile_generation(config: Config, target: Target, rows: int, prompt_len: in
     program, args = generator.program_for(batch, GenerationConfig(max_new_tokens=new_tokens))
     start = time.perf_counter()
     with use_mesh(mesh):
-        compiled = program.lower(*args).compile()
+        compiled, refused = _compile(program.lower(*args))
     seconds = time.perf_counter() - start
+    if refused:
+        return _refused("generate", refused, seconds, target)
     return _report("generate", compiled, seconds, target)
 
 
@@ -240,6 +271,10 @@ def report_table(target: Target, reports: list[ProgramReport]) -> str:
              f"{target.hbm_bytes / gib:.1f} GiB per device, peak {target.peak_flops / 1e12:.3g} TFLOP/s, "
              f"{target.hbm_bandwidth / 1e9:.0f} GB/s"]
     for r in reports:
+        if r.compiler_error:
+            lines += [f"{r.name}: DOES NOT FIT - the compiler refused it after {r.compile_s:.0f} s: "
+                      f"{r.compiler_error}"]
+            continue
         lines += [
             f"{r.name}: {'FITS' if r.fits else 'DOES NOT FIT'} - {r.total_bytes / gib:.2f} of "
             f"{r.hbm_bytes / gib:.1f} GiB per device (compiled in {r.compile_s:.1f} s)",

@@ -57,14 +57,22 @@ class TrainState(NamedTuple):
     skipped_total: jax.Array        # int32
 
 
-def token_losses(model: nnx.Module, batch: dict, dropout_rng):
-    """Per-token CE on next-token targets, its mask and task ids, and the model's aux outputs."""
+def token_losses(model: nnx.Module, batch: dict, dropout_rng, loss_chunk: int = 0):
+    """Per-token CE on next-token targets, its mask and task ids, and the model's aux outputs.
+
+    loss_chunk > 0: the output head and CE run `loss_chunk` positions at a time (LlamaForCausalLM.
+    chunked_cross_entropy), so the full [B, S, vocab] logits are never formed (XLA drops the unused ones)."""
     out = model(batch["input_ids"], batch["graphs"], positions=batch["positions"],
-                attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"], dropout_rng=dropout_rng)
-    logits = out.logits[:, :-1].astype(jnp.float32)
+                attention_mask=batch["attention_mask"], segment_ids=batch["segment_ids"], dropout_rng=dropout_rng,
+                return_hidden_states=loss_chunk > 0)
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, labels, 0))
+    targets = jnp.where(mask, labels, 0)
+    if loss_chunk > 0:
+        language_model = getattr(model, "language_model", model)
+        ce = language_model.chunked_cross_entropy(out.hidden_states[:, :-1], targets, loss_chunk)
+    else:
+        ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1].astype(jnp.float32), targets)
     ce = jnp.where(mask, ce, 0.0)
     tasks = jnp.where(mask, batch["token_task_ids"][:, 1:], -1)
     return ce, mask, tasks, out.aux
@@ -92,8 +100,9 @@ class StepFunctions:
 
 
 def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransformation, *, num_tasks: int,
-                        aux_loss_coef: float, task_balanced: bool, schedule: Callable) -> StepFunctions:
-    """Pure step functions; the trainer jits them with explicit shardings."""
+                        aux_loss_coef: float, task_balanced: bool, schedule: Callable,
+                        loss_chunk: int = 0) -> StepFunctions:
+    """Pure step functions; the trainer jits them with explicit shardings. loss_chunk: see token_losses."""
 
     def merge(trainable: Flat, frozen):
         return nnx.merge(graphdef, layout.unflatten(trainable), frozen)
@@ -104,7 +113,7 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
 
         def micro_loss(trainable, batch, micro_rng):
-            ce, mask, tasks, aux = token_losses(merge(trainable, frozen), batch, micro_rng)
+            ce, mask, tasks, aux = token_losses(merge(trainable, frozen), batch, micro_rng, loss_chunk)
             task_sums, task_counts = per_task_sums(ce, mask, tasks, num_tasks)
             if task_balanced:
                 present = task_counts > 0
@@ -159,7 +168,7 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
         return new_state, metrics
 
     def eval_step(trainable: Flat, frozen, batch: dict):
-        ce, mask, tasks, _ = token_losses(merge(trainable, frozen), batch, None)
+        ce, mask, tasks, _ = token_losses(merge(trainable, frozen), batch, None, loss_chunk)
         task_sums, task_counts = per_task_sums(ce, mask, tasks, num_tasks)
         return {"ce_sum": ce.sum(), "tokens": mask.sum(), "task_ce_sum": task_sums, "task_tokens": task_counts}
 

@@ -132,7 +132,8 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(config.train)
         steps = make_step_functions(self.graphdef, self.layout, self.tx, num_tasks=self.num_tasks,
                                     aux_loss_coef=config.model.moge.aux_loss_coef,
-                                    task_balanced=config.train.task_balanced_loss, schedule=self.schedule)
+                                    task_balanced=config.train.task_balanced_loss, schedule=self.schedule,
+                                    loss_chunk=config.train.loss_chunk)
         self._train_step_fn = steps.train_step
         self.validation = Validation(config, self.pipeline.tokenizer, self.task_names, steps.eval_step, self.mesh,
                                      say=self.say, task_values=self.pipeline.values)

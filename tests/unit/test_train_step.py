@@ -70,3 +70,32 @@ def test_gradient_accumulation_equals_one_big_batch():
     for key in whole.trainable:
         np.testing.assert_allclose(np.asarray(accumulated.trainable[key]), np.asarray(whole.trainable[key]),
                                    atol=1e-6, err_msg=key)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_chunked_loss_equals_the_full_logits_loss_in_value_and_every_gradient(tied):
+    """train.loss_chunk: the head and CE a few positions at a time (never [B, S, vocab] logits) change nothing."""
+    from omnimol_jax.train.step import token_losses
+
+    config = dataclasses.replace(CONFIG, tie_word_embeddings=tied)
+    model = omnimol_constructor(config, GraphConfig(num_layers=1, hidden_size=8), seed=0)()
+    # the head (tied embedding or lm_head) and the last norm train too, so their gradients are compared
+    graphdef, trainable, frozen = nnx.split(model, trainable_filter(2, ["embed_tokens", "lm_head", "/norm/"]), ...)
+    rng = np.random.default_rng(1)
+    trainable = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(0, 0.05, v.shape), v.dtype), trainable)
+    batch = text_batch(0, seq=13)
+
+    def loss(tr, chunk):
+        ce, mask, _, _ = token_losses(nnx.merge(graphdef, tr, frozen), batch, None, chunk)
+        return ce.sum() / mask.sum(), ce
+
+    (full, ce_full), grads_full = jax.value_and_grad(loss, has_aux=True)(trainable, 0)
+    for chunk in (5, 12, 64):  # uneven chunks, exactly the length, longer than the sequence
+        (value, ce), grads = jax.value_and_grad(loss, has_aux=True)(trainable, chunk)
+        np.testing.assert_allclose(np.asarray(ce), np.asarray(ce_full), atol=1e-5, rtol=1e-6)
+        assert abs(float(value - full)) <= 1e-6
+        flat, flat_full = dict(nnx.to_flat_state(grads)), dict(nnx.to_flat_state(grads_full))
+        assert flat.keys() == flat_full.keys() and any("embed_tokens" in str(p) for p in flat)
+        for path in flat:
+            np.testing.assert_allclose(np.asarray(flat[path].get_value()), np.asarray(flat_full[path].get_value()),
+                                       atol=1e-6, rtol=1e-5, err_msg=str(path))
