@@ -1,7 +1,8 @@
 """Trivial answers every model must beat, scored like the model's predictions on the same test records."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections import Counter
+from typing import Callable, Sequence
 
 from omnimol_jax.data import readers
 from omnimol_jax.eval.answers import EOT
@@ -10,6 +11,48 @@ from omnimol_jax.eval.number_metrics import homolumo_property, number_in_text_pa
 from omnimol_jax.tasks import get_task
 
 BASELINE_SUFFIX = " (train-mean baseline)"
+FREQUENT_SUFFIX = " (most-frequent baseline)"
+COPY_SUFFIX = " (copy-input baseline)"
+# Tasks whose input is a molecule close to the answer: copying it is the trivial guess to beat.
+COPY_INPUT_TASKS = ("forward", "retrosynthesis", "molediting")
+
+
+def _scored(task: str, records: list[dict], answer_of: Callable[[dict], str], protocols, tokenize_fn) -> dict:
+    """The metrics of answering each record with answer_of(record), as a model's clean answer would be read."""
+    answered = []
+    for record in records:
+        answer = answer_of(record)
+        answered.append({**{k: v for k, v in record.items() if k not in ("predictions", "scores")},
+                         "prediction": answer, "raw": answer + EOT, "finished": True})
+    return compute_metrics_from_records(task, answered, protocols, tokenize_fn=tokenize_fn)
+
+
+def answer_baselines(results: dict, store, task_ids: dict[str, list[str]], data_dir: str, layout: str,
+                     protocols: Sequence[str], tokenize_fn) -> dict:
+    """For molecule and text tasks: the metrics of always giving the training split's most frequent answer, and
+    (forward, retrosynthesis, molecule editing) of copying the input molecule, on the same test records. A reader
+    sees at once whether the model beats the trivial answer."""
+    baselines = {}
+    for task in [t for t in results if t in task_ids]:
+        if get_task(task).answers_number:
+            continue
+        records = store.for_task(task, order=[i for i in task_ids[task] if i in store])
+        if not records:
+            continue
+        try:
+            train = readers.open_task(data_dir, task, "train", layout)
+        except (FileNotFoundError, KeyError):
+            train = None
+        if train is not None and len(train):
+            counts = Counter(str(train[i].get("output", "")).strip() for i in range(len(train)))
+            frequent = counts.most_common(1)[0][0]
+            baselines[task + FREQUENT_SUFFIX] = _scored(task, records, lambda _: frequent, protocols, tokenize_fn)
+        if task in COPY_INPUT_TASKS:
+            test = readers.open_task(data_dir, task, "test", layout)
+            inputs = {task_ids[task][i]: str(test[i].get("input", "")).strip() for i in range(len(task_ids[task]))}
+            baselines[task + COPY_SUFFIX] = _scored(task, records, lambda r: inputs[r["id"]], protocols,
+                                                    tokenize_fn)
+    return baselines
 
 
 def train_mean_baselines(results: dict, store, task_ids: dict[str, list[str]], data_dir: str, layout: str,

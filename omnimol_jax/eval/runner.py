@@ -32,7 +32,7 @@ from omnimol_jax.data import readers
 from omnimol_jax.data.prompts import generation_example
 from omnimol_jax.errors import InputError
 from omnimol_jax.eval import answers
-from omnimol_jax.eval.baselines import train_mean_baselines
+from omnimol_jax.eval.baselines import answer_baselines, train_mean_baselines
 from omnimol_jax.eval.metrics import compute_metrics_from_records
 from omnimol_jax.eval.mol_metrics import PROTOCOL_REFERENCE, PROTOCOLS, mol_to_inchi, parse_selfies
 from omnimol_jax.eval.report import PredictionStore, write_report
@@ -352,7 +352,9 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     results = evaluate_predictions(store, task_ids, protocols, tokenize_fn, config.num_beams)
     if not results:
         raise EvalError("no predictions to score (every record was skipped; see skipped.json)")
-    results.update(train_mean_baselines(results, store, task_ids, options.data, options.layout, protocols,
-                                        tokenize_fn))
+    baselines = train_mean_baselines(results, store, task_ids, options.data, options.layout, protocols, tokenize_fn)
+    baselines.update(answer_baselines(results, store, task_ids, options.data, options.layout, protocols,
+                                      tokenize_fn))
+    results.update(baselines)
     paths = write_report(results, out_dir, report_conventions(store, task_ids, protocols))
     return EvalResult(out_dir=out_dir, report=paths, predictions=store.path, skipped=len(skipped))

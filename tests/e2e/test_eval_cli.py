@@ -7,6 +7,7 @@ import re
 import numpy as np
 import pytest
 import selfies
+from rapidfuzz.distance import Levenshtein
 from rdkit import Chem
 
 from omnimol_jax.checkpoint import omnimol_constructor, save_omnimol_checkpoint
@@ -99,6 +100,25 @@ def test_eval_writes_predictions_and_report_and_resumes(corpus, checkpoint, tmp_
     baseline = json.loads((out / "metrics" / "logp (train-mean baseline).json").read_text())
     assert baseline["protocols"]["strict"]["mae"] == pytest.approx(expected, rel=1e-6)
     assert "| logp (train-mean baseline) |" in table
+    # Molecule and text tasks get the most frequent training answer; molecule editing also the copied input.
+    for row in ("iupac (most-frequent baseline)", "molediting (most-frequent baseline)",
+                "molediting (copy-input baseline)", "dqa (most-frequent baseline)"):
+        assert f"| {row} |" in table, row
+    copied = json.loads((out / "metrics" / "molediting (copy-input baseline).json").read_text())["protocols"]
+    editing = [r for r in json.loads((corpus / "molediting.json").read_text()) if r["metadata"]["split"] == "test"]
+    def canonical(text):
+        return Chem.MolToSmiles(Chem.MolFromSmiles(selfies.decoder(str(text).strip())))
+
+    distances = [Levenshtein.distance(canonical(r["input"]), canonical(r["output"])) for r in editing[:3]]
+    assert copied["strict"]["levenshtein"] == pytest.approx(sum(distances) / 3)
+    assert copied["strict"]["validity"] == 1.0 and copied["strict"]["n"] == 3  # the inputs are valid molecules
+    dqa = [str(r["output"]).strip() for r in json.loads((corpus / "dqa.json").read_text())
+           if r["metadata"]["split"] == "train"]
+    frequent = max(sorted(set(dqa)), key=dqa.count)
+    references = [r["reference"] for r in records if r["task"] == "dqa"]
+    frequent_row = json.loads((out / "metrics" / "dqa (most-frequent baseline).json").read_text())["protocols"]
+    assert frequent_row["strict"]["n"] == 3
+    assert (frequent_row["strict"]["rougeL"] == 1.0) == all(ref.strip() == frequent for ref in references)
 
     # Finished: a rerun generates nothing and reproduces the predictions.
     count_generated.clear()
