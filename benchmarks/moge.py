@@ -1,6 +1,6 @@
 """MoGE cost of the three formulations (stacked, fused, naive): XLA's FLOPs, bytes and temporaries, and time.
 
-    python benchmarks/moge.py [--tokens 8192] [--batch 4 --seq 256 --iters 5] [--threads 1]
+    python benchmarks/moge.py [--tokens 8192] [--batch 4 --seq 256 --iters 5] [--topology v5p-8 --skip-step]
 Part 1 compiles ONE MoE layer at the llama3_2_1b shapes (d=2048, f=8192, E=5 + 1 shared, k=2, r=64, bf16) for
 this machine's backend on abstract inputs (nothing allocated) and reads, per formulation, FLOPs and bytes
 accessed per token and the temporary bytes of the forward and of forward+backward w.r.t. the trainables. Part 2
@@ -47,15 +47,23 @@ def with_impl(config, implementation):
     return dataclasses.replace(config, moge=dataclasses.replace(config.moge, implementation=implementation))
 
 
-def layer_costs(config, tokens: int) -> dict:
+def layer_costs(config, tokens: int, device=None) -> dict:
+    """Compiled costs of one MoE layer per formulation, for this host's backend or for `device` (e.g. one chip of a
+    TPU topology from `omnimol_jax.aot.topology.resolve`)."""
     result = {}
+    sharding = jax.sharding.SingleDeviceSharding(device) if device is not None else None
+
+    def placed(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
     for impl in IMPLEMENTATIONS:
         cfg = with_impl(config, impl)
         kw = dict(dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype), init_std=0.02)
         abstract = nnx.eval_shape(lambda: MoGEFeedForward(cfg, Projection, kw, rngs=nnx.Rngs(0)))
         graphdef, trainable, frozen = nnx.split(abstract, TRAINABLE, ...)
-        h = jax.ShapeDtypeStruct((1, tokens, cfg.hidden_size), dtype_of(cfg.dtype))
-        mask = jax.ShapeDtypeStruct((1, tokens), jnp.bool_)
+        trainable, frozen = jax.tree.map(placed, trainable), jax.tree.map(placed, frozen)
+        h = placed(jax.ShapeDtypeStruct((1, tokens, cfg.hidden_size), dtype_of(cfg.dtype)))
+        mask = placed(jax.ShapeDtypeStruct((1, tokens), jnp.bool_))
 
         def forward(tr, fr, h, mask):
             y, aux = nnx.merge(graphdef, tr, fr)(h, mask)
@@ -125,11 +133,18 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--skip-step", action="store_true", help="only the compiled costs at 1B shapes")
+    parser.add_argument("--topology", default=None,
+                        help="compile the 1B layer for one chip of this TPU topology (e.g. v5p-8; needs libtpu)")
     args = parser.parse_args()
 
     moge_1b = dataclasses.replace(model_config_from_preset("llama3_2_1b"), lora=LoRAConfig(enabled=True, dropout=0.05),
                                   moge=MoGEConfig(enabled=True))
-    layer = layer_costs(moge_1b, args.tokens)
+    device = None
+    if args.topology:
+        from omnimol_jax.aot.topology import resolve
+
+        device = resolve(args.topology).devices[0]
+    layer = layer_costs(moge_1b, args.tokens, device)
     ratios = {}
     for impl in IMPLEMENTATIONS[:2]:
         for peer in IMPLEMENTATIONS[1:]:
@@ -140,7 +155,7 @@ def main() -> None:
                 for part in ("forward", "train", "train_with_dropout")
                 for key in ("flops_per_token", "bytes_accessed_per_token", "temp_bytes")}
     result = {
-        "benchmark": "moge", "backend": jax.default_backend(),
+        "benchmark": "moge", "backend": args.topology or jax.default_backend(),
         "llama3_2_1b_moge_parameters": count_parameters(moge_1b),
         "reference_parameters_approx": 2.2e9,
         "one_moe_layer_llama3_2_1b": {"tokens": args.tokens, **layer},

@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    if program:  # a run of the program reuses compiled programs across runs (see caches.py); library calls opt in
+    if program and getattr(args, "compile_cache", True):  # reuse compiled programs across runs (caches.py)
         from omnimol_jax.caches import enable_compilation_cache
 
         enable_compilation_cache()

@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="memory per device to check against, in GiB (default: the chip's; for cpu:N host RAM / N)")
     p.add_argument("--out", default=None, help="also write the report as JSON here")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.set_defaults(func=_compile)
+    # programs for devices this host does not have: nothing to reuse, and their entries cannot load here
+    p.set_defaults(func=_compile, compile_cache=False)
 
 
 def _give_cpu_devices(topology: str) -> None:

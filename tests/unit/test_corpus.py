@@ -98,7 +98,7 @@ def test_homolumo_values(built):
         assert abs(values["HOMO-LUMO gap"] - (values["LUMO"] - values["HOMO"])) < 2e-4
     first = _records(out, "homolumo")[0]
     smiles = Chem.MolToSmiles(_mol(first["input"]))
-    homo, lumo = corpus.eht_orbitals(smiles, corpus._stable_hash(0, "conformer", smiles))
+    homo, lumo = corpus.eht_orbitals(smiles, corpus.stable_hash(0, "conformer", smiles))
     assert round({"HOMO": homo, "LUMO": lumo, "HOMO-LUMO gap": lumo - homo}[first["metadata"]["property"]], 4) \
         == first["output"]
 
