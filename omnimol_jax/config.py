@@ -152,8 +152,11 @@ class ModelConfig:
     param_dtype: DType = "float32"
     dtype: DType = "float32"
     remat_policy: RematPolicy = "none"
-    # einsum: portable XLA attention; jax: jax.nn.dot_product_attention (cuDNN flash attention on GPU).
-    attention_impl: Literal["einsum", "jax"] = "einsum"
+    # blockwise (default): einsum attention attention_block queries at a time over the keys up to the block's end
+    # (causally masked key blocks skipped), each block's scores rematerialised; decoding with a cache uses einsum.
+    # einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention (cuDNN on GPU).
+    attention_impl: Literal["blockwise", "einsum", "jax"] = "blockwise"
+    attention_block: int = 128
     bos_token_id: Optional[int] = 128000
     eos_token_id: Optional[int] = 128009
     pad_token_id: Optional[int] = 128004
@@ -175,6 +178,7 @@ class ModelConfig:
         _require(self.num_heads % self.num_kv_heads == 0, "model.num_heads",
                  f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         _require(self.head_dim % 2 == 0, "model.head_dim", f"head_dim={self.head_dim} must be even for RoPE")
+        _require(self.attention_block >= 1, "model.attention_block", f"must be >= 1, got {self.attention_block}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")

@@ -200,10 +200,31 @@ class Attention(nnx.Module):
         if cfg.attention_impl == "jax":
             out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
                                                scale=cfg.head_dim ** -0.5)
+        elif cfg.attention_impl == "blockwise" and layer_cache is None:
+            out = self._causal_blockwise_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         else:
             out = self._einsum_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
         out = checkpoint_name(constrain(out, heads), "attention_out")
         return project(self, "o_proj", out, rng), new_cache
+
+    def _causal_blockwise_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+        """Attention one block of `attention_block` queries at a time, over the keys up to that block's end only.
+
+        Without a cache, query and key slots coincide, so every key after a block's last query is causally masked:
+        those blocks are skipped outright (with n blocks, n(n+1)/2 of the n^2 score blocks are computed). Each
+        block is rematerialised, so the [queries, keys] scores exist one block at a time, in the forward and the
+        backward pass. Per query row the softmax runs over the same unmasked keys as the full einsum attention.
+        """
+        block = self.config.attention_block
+        seq_len = q.shape[1]
+        if seq_len <= block:
+            return self._einsum_attention(q, k, v, mask)
+        attend = jax.checkpoint(self._einsum_attention)
+        outputs = []
+        for start in range(0, seq_len, block):  # the last block may be shorter
+            end = min(start + block, seq_len)
+            outputs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
+        return jnp.concatenate(outputs, axis=1)
 
     def _einsum_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.config
