@@ -244,7 +244,9 @@ def load_release(folder: Path, moleculestm: Path) -> ReleasedOmniMol:
     else:
         non_lora = torch.load(folder / "non_lora_trainables.bin", weights_only=True)
         loaded.update({k[len(PREFIX):]: v for k, v in non_lora.items()})
-        adapter_state = load_file(str(folder / "adapter_model.safetensors"))
+        adapter_state = (load_file(str(folder / "adapter_model.safetensors"))
+                         if (folder / "adapter_model.safetensors").is_file()
+                         else torch.load(folder / "adapter_model.bin", weights_only=True))
         loaded.update({k[len(PREFIX):]: v for k, v in adapter_state.items()})
         lora_keys = {k for k in own if "lora_" in k}
         assert lora_keys == {k for k in loaded if "lora_" in k}, "adapter keys differ from the model's"

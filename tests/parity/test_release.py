@@ -116,6 +116,9 @@ def test_import_matches_the_released_model_and_export_gives_back_the_same_files(
 
 def test_a_lora_only_release_and_an_export_that_writes_its_own_base(tmp_path):
     folder, base, graph = make_release(tmp_path, moe=None, targets=("q_proj", "v_proj", "down_proj"), alpha=8.0)
+    # the older PEFT file format: adapter_model.bin (torch.save), read with weights_only=True
+    torch.save(load_file(str(folder / "adapter_model.safetensors")), folder / "adapter_model.bin")
+    (folder / "adapter_model.safetensors").unlink()
     ours = import_release(folder, tmp_path / "ours", moleculestm=str(graph), progress=False)
     config, _ = read_metadata(ours)
     assert config.lora.targets == ("q_proj", "v_proj", "down_proj") and not config.moge.enabled
