@@ -111,6 +111,17 @@ class MoGEFeedForward(nnx.Module):
         compute_dtype = self.expert_down_lora.compute_dtype
         return dropout(z.astype(compute_dtype), self.config.lora.dropout, fold_rng(rng, slot))
 
+    def _add_shared_and_project(self, x, gate_base, up_base, combined, down_lora, rng):
+        """The shared expert (its LoRA on the frozen gate/up computed once per token) joins the routed weighted sum,
+        and one frozen down projection of the whole sum finishes the layer (fused and stacked)."""
+        if self.config.moge.num_shared_experts:
+            rng_gate, rng_up, rng_down = self._shared_rngs(rng)
+            z = (jax.nn.silu(gate_base + self.shared_gate_lora(x, rng_gate))
+                 * (up_base + self.shared_up_lora(x, rng_up)))
+            combined = combined + z
+            down_lora = down_lora + self.shared_down_lora(z, rng_down)
+        return self.down_proj(constrain(combined, TOKENS_MLP)) + down_lora
+
     def _stacked(self, x, weights, selection, rng):
         """Like `fused` (frozen gate/up once per token, one frozen down projection of the weighted sum), but the
         per-expert work stays in the rank-r space: every expert's x A_e at once ([N, E, r]), masked per slot by
@@ -135,13 +146,7 @@ class MoGEFeedForward(nnx.Module):
             down_low = down_low + routed * self.expert_down_lora.stacked_low_rank(
                 self._down_dropout(z, slot, rng_down))
         down_lora = self.expert_down_lora.stacked_expand(down_low)
-        if moge.num_shared_experts:
-            rng_gate, rng_up, rng_down = self._shared_rngs(rng)
-            z = (jax.nn.silu(gate_base + self.shared_gate_lora(x, rng_gate))
-                 * (up_base + self.shared_up_lora(x, rng_up)))
-            combined = combined + z
-            down_lora = down_lora + self.shared_down_lora(z, rng_down)
-        return self.down_proj(constrain(combined, TOKENS_MLP)) + down_lora
+        return self._add_shared_and_project(x, gate_base, up_base, combined, down_lora, rng)
 
     def _fused(self, x, weights, selection, rng):
         """Loops over experts, not slots: each expert's low-rank products are computed once for all tokens and
@@ -168,13 +173,7 @@ class MoGEFeedForward(nnx.Module):
             routed = sum((selection[:, slot, e:e + 1] * weights[:, slot:slot + 1]).astype(z.dtype) * z
                          for slot, z in enumerate(dropped))
             down_lora = down_lora + self.expert_down_lora.expert_apply(e, routed)
-        if moge.num_shared_experts:
-            rng_gate, rng_up, rng_down = self._shared_rngs(rng)
-            z = (jax.nn.silu(gate_base + self.shared_gate_lora(x, rng_gate))
-                 * (up_base + self.shared_up_lora(x, rng_up)))
-            combined = combined + z
-            down_lora = down_lora + self.shared_down_lora(z, rng_down)
-        return self.down_proj(constrain(combined, TOKENS_MLP)) + down_lora
+        return self._add_shared_and_project(x, gate_base, up_base, combined, down_lora, rng)
 
     def _naive(self, x, weights, selection, rng):
         """The reference's structure: every selected expert runs its own full FFN (W + its LoRA)."""
