@@ -139,12 +139,19 @@ def main() -> None:
 
     moge_1b = dataclasses.replace(model_config_from_preset("llama3_2_1b"), lora=LoRAConfig(enabled=True, dropout=0.05),
                                   moge=MoGEConfig(enabled=True))
-    device = None
+    device = target = None
     if args.topology:
         from omnimol_jax.aot.topology import resolve
 
-        device = resolve(args.topology).devices[0]
+        target = resolve(args.topology)
+        device = target.devices[0]
     layer = layer_costs(moge_1b, args.tokens, device)
+    if target is not None:  # the roofline of forward + backward: the slower of compute at peak and bytes at full HBM
+        for impl in IMPLEMENTATIONS:
+            train = layer[impl]["train"]
+            layer[impl]["train_roofline_ns_per_token"] = round(1e9 * max(
+                train["flops_per_token"] / target.peak_flops,
+                train["bytes_accessed_per_token"] / target.hbm_bandwidth), 3)
     ratios = {}
     for impl in IMPLEMENTATIONS[:2]:
         for peer in IMPLEMENTATIONS[1:]:

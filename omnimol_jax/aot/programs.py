@@ -34,7 +34,7 @@ from omnimol_jax.train.step import (
     flatten_state,
     jit_train_step,
     make_optimizer,
-    make_step_functions,
+    run_step_functions,
 )
 
 DTYPE_BYTES = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
@@ -59,7 +59,6 @@ class ProgramReport:
     peak_flops: float
     hbm_bandwidth: float
     largest_temporaries: list[str]
-    model_flops: float = 0.0   # the useful FLOPs (6 N D for training), for the MFU bound
     compiler_error: str = ""   # the TPU compiler refuses a program that exceeds HBM: its message
 
     @property
@@ -149,7 +148,7 @@ def _refused(name: str, message: str, compile_s: float, target: Target) -> Progr
                          hbm_bandwidth=target.hbm_bandwidth, largest_temporaries=[], compiler_error=message)
 
 
-def _report(name: str, compiled, compile_s: float, target: Target, model_flops: float = 0.0) -> ProgramReport:
+def _report(name: str, compiled, compile_s: float, target: Target) -> ProgramReport:
     cost, memory = _analysis(compiled)
     return ProgramReport(
         name=name, compile_s=round(compile_s, 2),
@@ -160,7 +159,7 @@ def _report(name: str, compiled, compile_s: float, target: Target, model_flops: 
         code_bytes=int(getattr(memory, "generated_code_size_in_bytes", 0)),
         flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
         hbm_bytes=target.hbm_bytes, peak_flops=target.peak_flops, hbm_bandwidth=target.hbm_bandwidth,
-        largest_temporaries=largest_temporaries(compiled), model_flops=model_flops)
+        largest_temporaries=largest_temporaries(compiled))
 
 
 def num_tasks(config: Config) -> int:
@@ -214,10 +213,7 @@ def compile_train_step(config: Config, target: Target) -> ProgramReport:
     layout = StateLayout.of(trainable)
     flat_trainable = flatten_state(trainable)
     tx, schedule = make_optimizer(config.train)
-    steps = make_step_functions(graphdef, layout, tx, num_tasks=num_tasks(config),
-                                aux_loss_coef=config.model.moge.aux_loss_coef,
-                                task_balanced=config.train.task_balanced_loss, schedule=schedule,
-                                loss_chunk=config.train.loss_chunk)
+    steps = run_step_functions(config, graphdef, layout, tx, schedule, num_tasks(config))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     with use_mesh(mesh):
         # The optimizer state is laid out as the trainer's eager tx.init lays it out: like its parameters.
@@ -238,12 +234,7 @@ def compile_train_step(config: Config, target: Target) -> ProgramReport:
     seconds = time.perf_counter() - start
     if refused:
         return _refused("train_step", refused, seconds, target)
-    tokens = int(np.prod(batches["input_ids"].shape))
-    trained = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(flat_trainable))
-    frozen_count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(frozen))
-    # 6 N D if everything trained; frozen weights need the forward and the input gradient only (4 N D).
-    model_flops = (6 * trained + 4 * frozen_count) * tokens / len(target.devices)
-    return _report("train_step", compiled, seconds, target, model_flops)
+    return _report("train_step", compiled, seconds, target)
 
 
 def compile_generation(config: Config, target: Target, rows: int, prompt_len: int, new_tokens: int

@@ -53,9 +53,9 @@ def _compile(args) -> int:
     _give_cpu_devices(args.topology)
     from omnimol_jax.aot.programs import compile_run, report_table
     from omnimol_jax.aot.topology import resolve
-    from omnimol_jax.cli.model import _load
+    from omnimol_jax.cli.model import load_run_config
 
-    config = _load(args)
+    config = load_run_config(args)
     target = resolve(args.topology)
     if args.hbm_gib is not None:
         target.hbm_bytes = int(args.hbm_gib * 2 ** 30)

@@ -16,7 +16,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
-def _load(args):
+def load_run_config(args):
     from omnimol_jax.config import BASE_CONFIG, load_config
 
     return load_config(args.config or BASE_CONFIG, args.overrides)
@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _info(args) -> int:
     from omnimol_jax.model.omnimol import variable_counts
 
-    config = _load(args)
+    config = load_run_config(args)
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
     counts = variable_counts(config.model, config.graph)
     parts = ", ".join(f"{name.replace('_', ' ')} {count:,}" for name, count in counts.items())
@@ -96,7 +96,7 @@ def _init(args) -> int:
     from omnimol_jax.model.llama import LlamaForCausalLM
     from omnimol_jax.sharding import build_mesh, create_sharded_model
 
-    config = _load(args)
+    config = load_run_config(args)
     mesh = build_mesh(config.mesh)
     source = {"source": {"kind": "random_init", "seed": config.seed}}
     if args.full:

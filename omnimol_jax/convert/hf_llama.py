@@ -221,7 +221,7 @@ def params_to_hf_state_dict(config: ModelConfig, params: FlatParams) -> dict[str
 # Import
 
 
-def _check_tensors(config: ModelConfig, found: dict[str, st.TensorInfo], source: Path) -> None:
+def check_tensors(config: ModelConfig, found: dict[str, st.TensorInfo], source: Path) -> None:
     table = tensor_table(config)
     expected = {m.hf_name: m for m in table}
     missing = [name for name in expected if name not in found]
@@ -253,7 +253,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: Optional[str] = None, 
         found = st.list_checkpoint_tensors(hf_dir)
     except st.SafetensorsError as err:
         raise HFConversionError(str(err)) from err
-    _check_tensors(config, found, hf_dir)
+    check_tensors(config, found, hf_dir)
     target_dtype = NUMPY_DTYPES[config.param_dtype]
 
     table = tensor_table(config)
@@ -301,7 +301,7 @@ def load_hf_weights(language_model, hf_dir: str | Path, progress: bool = True) -
         found = st.list_checkpoint_tensors(hf_dir)
     except st.SafetensorsError as err:
         raise HFConversionError(str(err)) from err
-    _check_tensors(hf_config, found, hf_dir)
+    check_tensors(hf_config, found, hf_dir)
     from flax import nnx
 
     variables = flat_variables(nnx.state(language_model, nnx.Param))

@@ -39,7 +39,7 @@ from omnimol_jax.config import GraphConfig, ModelConfig
 from omnimol_jax.convert import safetensors_io as st, torch_files
 from omnimol_jax.convert.hf_llama import (
     NUMPY_DTYPES,
-    _check_tensors,
+    check_tensors,
     copy_assets,
     hf_config_from_model,
     model_config_from_hf,
@@ -228,7 +228,7 @@ def _plan_import(folder: Path, base: Optional[str], moleculestm: Optional[str], 
         base_tensors = st.list_checkpoint_tensors(base_dir)
     except st.SafetensorsError as err:
         raise ReleaseFormatError(str(err)) from None
-    _check_tensors(base_config, base_tensors, base_dir)
+    check_tensors(base_config, base_tensors, base_dir)
     adapter_dtypes = {_dtype_name(found[t.name].dtypes[names[t.name]]) for t in table if t.file == ADAPTER}
     release_dtype = sorted(adapter_dtypes)[0] if len(adapter_dtypes) == 1 else "float32"
     if config.lora.enabled and config.lora.gal and config.lora.alpha != 16:
@@ -335,7 +335,7 @@ def _verify_base(config: ModelConfig, params, base_dir: Path, progress: bool) ->
         found = st.list_checkpoint_tensors(base_dir)
     except st.SafetensorsError as err:
         raise ReleaseFormatError(str(err)) from None
-    _check_tensors(hf, found, base_dir)
+    check_tensors(hf, found, base_dir)
     different = []
     for mapping in tqdm(tensor_table(config), desc="verify --base", unit="tensor", disable=not progress):
         ours = np.asarray(params[("language_model",) + mapping.path])

@@ -77,15 +77,14 @@ def train_mean_baselines(results: dict, store, task_ids: dict[str, list[str]], d
                 values.setdefault(key, []).append(value)
         if not values:
             continue
-        means = {key: sum(v) / len(v) for key, v in values.items()}
-        records = []
-        for record in store.for_task(task, order=[i for i in task_ids[task] if i in store]):
-            key = homolumo_property(record.get("instruction", ""), record["id"]) if task == "homolumo" else ""
-            if key in means:
-                answer = f"{means[key]:.6g}"
-                records.append(dict(record, prediction=answer, raw=answer + EOT, predictions=None))
+        means = {key: f"{sum(v) / len(v):.6g}" for key, v in values.items()}
+
+        def property_of(record: dict) -> str:
+            return homolumo_property(record.get("instruction", ""), record["id"]) if task == "homolumo" else ""
+
+        records = [r for r in store.for_task(task, order=[i for i in task_ids[task] if i in store])
+                   if property_of(r) in means]
         if records:
-            baselines[task + BASELINE_SUFFIX] = compute_metrics_from_records(
-                task, [{k: v for k, v in r.items() if k != "predictions"} for r in records], protocols,
-                tokenize_fn=tokenize_fn)
+            baselines[task + BASELINE_SUFFIX] = _scored(task, records, lambda r: means[property_of(r)], protocols,
+                                                        tokenize_fn)
     return baselines

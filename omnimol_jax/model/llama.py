@@ -338,24 +338,20 @@ class LlamaForCausalLM(nnx.Module):
         positions at a time. Each chunk's fp32 logits are made, reduced to log-sum-exp minus the target's logit,
         and dropped; the backward pass recomputes them chunk by chunk. So [B, T, vocab] logits never exist: at
         Llama-3 vocab sizes they are the largest temporaries of a train step (3 x 16 GiB per v5p chip at 1B)."""
-        batch, length, dim = hidden.shape
-        count = -(-length // chunk)
-        if count == 1:  # one chunk holds everything: no recomputation needed
-            logits = self.lm_logits(hidden).astype(jnp.float32)
-            picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-            return jax.nn.logsumexp(logits, axis=-1) - picked
-        pad = count * chunk - length
-        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, count, chunk, dim).swapaxes(0, 1)
-        t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, count, chunk).swapaxes(0, 1)
-
-        @jax.checkpoint
-        def one(inputs):
-            h_chunk, t_chunk = inputs
+        def chunk_ce(h_chunk, t_chunk):
             logits = constrain(self.lm_logits(h_chunk).astype(jnp.float32),
                                ("activation_batch", "activation_length", "activation_vocab"))
             picked = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0]
             return jax.nn.logsumexp(logits, axis=-1) - picked
 
+        batch, length, dim = hidden.shape
+        count = -(-length // chunk)
+        if count == 1:  # one chunk holds everything: nothing to recompute
+            return chunk_ce(hidden, targets)
+        pad = count * chunk - length
+        h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, count, chunk, dim).swapaxes(0, 1)
+        t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, count, chunk).swapaxes(0, 1)
+        one = jax.checkpoint(lambda inputs: chunk_ce(*inputs))
         ce = jax.lax.map(one, (h, t))
         return ce.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length]
 

@@ -61,7 +61,7 @@ from omnimol_jax.train.step import (
     flatten_state,
     jit_train_step,
     make_optimizer,
-    make_step_functions,
+    run_step_functions,
 )
 from omnimol_jax.train.validation import Validation
 
@@ -130,10 +130,7 @@ class Trainer:
         self.pipeline.check_records(say=self.say, progress=self.progress and self.process_index == 0)
         self._build_model()
         self.tx, self.schedule = make_optimizer(config.train)
-        steps = make_step_functions(self.graphdef, self.layout, self.tx, num_tasks=self.num_tasks,
-                                    aux_loss_coef=config.model.moge.aux_loss_coef,
-                                    task_balanced=config.train.task_balanced_loss, schedule=self.schedule,
-                                    loss_chunk=config.train.loss_chunk)
+        steps = run_step_functions(config, self.graphdef, self.layout, self.tx, self.schedule, self.num_tasks)
         self._train_step_fn = steps.train_step
         self.validation = Validation(config, self.pipeline.tokenizer, self.task_names, steps.eval_step, self.mesh,
                                      say=self.say, task_values=self.pipeline.values)

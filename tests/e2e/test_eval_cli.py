@@ -3,6 +3,7 @@ test records (outputs, report, resume) and `omnimol generate` (greedy, beams, co
 import dataclasses
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -119,6 +120,14 @@ def test_eval_writes_predictions_and_report_and_resumes(corpus, checkpoint, tmp_
     frequent_row = json.loads((out / "metrics" / "dqa (most-frequent baseline).json").read_text())["protocols"]
     assert frequent_row["strict"]["n"] == 3
     assert (frequent_row["strict"]["rougeL"] == 1.0) == all(ref.strip() == frequent for ref in references)
+    # the most-frequent answer of a molecule task, scored: its Levenshtein to each reference, recomputed here
+    iupac = [str(r["output"]).strip() for r in json.loads((corpus / "iupac.json").read_text())
+             if r["metadata"]["split"] == "train"]
+    common = Counter(iupac).most_common(1)[0][0]
+    iupac_refs = [r["reference"] for r in records if r["task"] == "iupac"]
+    iupac_row = json.loads((out / "metrics" / "iupac (most-frequent baseline).json").read_text())["protocols"]
+    expected = sum(Levenshtein.distance(canonical(common), canonical(ref)) for ref in iupac_refs) / len(iupac_refs)
+    assert iupac_row["strict"]["levenshtein"] == pytest.approx(expected) and iupac_row["strict"]["validity"] == 1.0
 
     # Finished: a rerun generates nothing and reproduces the predictions.
     count_generated.clear()
