@@ -28,7 +28,7 @@ from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, LoRAConfig, MeshConfig, MoGEConfig, TrainConfig, model_config_from_preset
 from omnimol_jax.inference.decoding import GenerationConfig, Generator
 from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
-from omnimol_jax.train.flops import compiled_flops, device_peak_flops
+from omnimol_jax.train.flops import compiled_flops, device_peak_flops, step_costs
 from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
 
@@ -94,8 +94,11 @@ def train_part(config, mesh, batch: int, seq: int, iters: int, peak: float, prof
     step = jax.jit(steps.train_step, donate_argnums=(0,))
     start = time.perf_counter()
     with use_mesh(mesh):
-        compiled = step.lower(state, frozen, micro).compile()
+        lowered = step.lower(state, frozen, micro)
+        compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    with use_mesh(mesh):  # XLA counts a loop once: the loss chunks (and scanned layers) counted in full
+        flops, _ = step_costs(compiled, lowered, steps.train_step, state, frozen, micro)
     holder = {"state": state}
 
     def run():
@@ -107,7 +110,6 @@ def train_part(config, mesh, batch: int, seq: int, iters: int, peak: float, prof
         jax.profiler.start_trace(profile)
         timed(run, 3)
         jax.profiler.stop_trace()
-    flops = compiled_flops(compiled)
     return {"compile_s": round(compile_s, 2), "step_s_min": round(min(times), 5),
             "step_s_median": round(statistics.median(times), 5), "tokens_per_s": round(batch * seq / min(times), 1),
             "gflop_per_step": round(flops / 1e9, 2), "mfu": round(flops / min(times) / peak, 4) if peak else None}

@@ -30,7 +30,7 @@ from machine import describe_machine  # benchmarks/machine.py (the script folder
 
 from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, LoRAConfig, MoGEConfig, TrainConfig, model_config_from_preset
-from omnimol_jax.train.flops import compiled_flops, measure_matmul_peak
+from omnimol_jax.train.flops import measure_matmul_peak, step_costs
 from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
 
@@ -60,8 +60,10 @@ def ours(config, ids):
     batch = jax.tree.map(lambda x: x[None], text_batch(ids))  # one micro-batch
     step = jax.jit(steps.train_step, donate_argnums=(0,))
     start = time.perf_counter()
-    compiled = step.lower(state, frozen, batch).compile()
+    lowered = step.lower(state, frozen, batch)
+    compiled = lowered.compile()
     compile_s = time.perf_counter() - start
+    flops, _ = step_costs(compiled, lowered, steps.train_step, state, frozen, batch)  # loops counted in full
     holder = {"state": state}
 
     def run():
@@ -70,7 +72,9 @@ def ours(config, ids):
         return float(metrics["loss"])
 
     run()
-    return {"compile_s": round(compile_s, 2), "flops_per_step": compiled_flops(compiled),
+    memory = compiled.memory_analysis()
+    return {"compile_s": round(compile_s, 2), "flops_per_step": flops,
+            "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0)),
             "trainable_parameters": int(sum(x.size for x in jax.tree.leaves(params)))}, run, model
 
 

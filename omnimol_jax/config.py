@@ -152,6 +152,10 @@ class ModelConfig:
     param_dtype: DType = "float32"
     dtype: DType = "float32"
     remat_policy: RematPolicy = "none"
+    # Run each repeating group of decoder layers as one lax.scan: one compiled body per group, so compile time
+    # grows far less with depth, and XLA keeps fewer temporaries (benchmarks/scan_layers.py). The parameters and
+    # checkpoints are the same either way. Decoding with a KV cache runs the layers unrolled.
+    scan_layers: bool = True
     # blockwise (default): einsum attention attention_block queries at a time over the keys up to the block's end
     # (causally masked key blocks skipped), each block's scores rematerialised; decoding with a cache uses einsum.
     # einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention (cuDNN on GPU).

@@ -41,6 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("gin_hidden", None),
     ("gin_vocab", None),
     ("projector_in", None),
+    ("layers", None),  # the stacking axis of scanned layers' weights
     # --- activations
     ("activation_batch", ("data", "fsdp", "expert")),
     ("activation_length", None),

@@ -27,6 +27,7 @@ from omnimol_jax.data.packing import BatchAssembler, single_sample_row
 from omnimol_jax.inference.decoding import GenerationConfig, Generator, build_prompt_batch
 from omnimol_jax.sharding import batch_sharding, build_mesh, state_shardings, use_mesh
 from omnimol_jax.tasks import PAPER_TASKS, TASK_KEYS
+from omnimol_jax.train.flops import step_costs
 from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.step import (
     StateLayout,
@@ -148,8 +149,11 @@ def _refused(name: str, message: str, compile_s: float, target: Target) -> Progr
                          hbm_bandwidth=target.hbm_bandwidth, largest_temporaries=[], compiler_error=message)
 
 
-def _report(name: str, compiled, compile_s: float, target: Target) -> ProgramReport:
+def _report(name: str, compiled, compile_s: float, target: Target,
+            costs: Optional[tuple[float, float]] = None) -> ProgramReport:
+    """The compiled program's memory and costs; `costs` (FLOPs, bytes) replace XLA's when given (loops counted)."""
     cost, memory = _analysis(compiled)
+    flops, bytes_accessed = costs or (float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)))
     return ProgramReport(
         name=name, compile_s=round(compile_s, 2),
         argument_bytes=int(getattr(memory, "argument_size_in_bytes", 0)),
@@ -157,7 +161,7 @@ def _report(name: str, compiled, compile_s: float, target: Target) -> ProgramRep
         alias_bytes=int(getattr(memory, "alias_size_in_bytes", 0)),
         temp_bytes=int(getattr(memory, "temp_size_in_bytes", 0)),
         code_bytes=int(getattr(memory, "generated_code_size_in_bytes", 0)),
-        flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+        flops=flops, bytes_accessed=bytes_accessed,
         hbm_bytes=target.hbm_bytes, peak_flops=target.peak_flops, hbm_bandwidth=target.hbm_bandwidth,
         largest_temporaries=largest_temporaries(compiled))
 
@@ -230,11 +234,14 @@ def compile_train_step(config: Config, target: Target) -> ProgramReport:
     train_step = jit_train_step(steps.train_step, state_shardings_tree, frozen_shardings)
     start = time.perf_counter()
     with use_mesh(mesh):
-        compiled, refused = _compile(train_step.lower(state, frozen, batches))
+        lowered = train_step.lower(state, frozen, batches)
+        compiled, refused = _compile(lowered)
     seconds = time.perf_counter() - start
     if refused:
         return _refused("train_step", refused, seconds, target)
-    return _report("train_step", compiled, seconds, target)
+    with use_mesh(mesh):  # the loops (scanned layers, loss chunks, micro-batches) counted in full
+        costs = step_costs(compiled, lowered, train_step.__wrapped__, state, frozen, batches)
+    return _report("train_step", compiled, seconds, target, costs)
 
 
 def compile_generation(config: Config, target: Target, rows: int, prompt_len: int, new_tokens: int

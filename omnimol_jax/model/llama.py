@@ -19,9 +19,11 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from omnimol_jax import loops
 from omnimol_jax.config import ModelConfig
 from omnimol_jax.model.dtypes import dtype_of
 from omnimol_jax.model.kv_cache import CACHE_AXES, KVCache
+from omnimol_jax.model.layer_scan import Segment, run_segment, scan_plan
 from omnimol_jax.model.lora import LoRA, fold_rng
 from omnimol_jax.model.moge import MoGEFeedForward
 from omnimol_jax.sharding import constrain
@@ -352,8 +354,15 @@ class LlamaForCausalLM(nnx.Module):
         h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, count, chunk, dim).swapaxes(0, 1)
         t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, count, chunk).swapaxes(0, 1)
         one = jax.checkpoint(lambda inputs: chunk_ce(*inputs))
-        ce = jax.lax.map(one, (h, t))
+        ce = loops.map_chunks(one, (h, t))
         return ce.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length]
+
+    def _segments(self, scan: bool) -> Sequence[Segment]:
+        """The layers as segments: the scan plan, or every layer on its own (unrolled)."""
+        if not scan:
+            return [Segment(i, 1, 1) for i in range(len(self.layers))]
+        moe_layers = set(self.config.moge.layer_indices(self.config.num_layers))
+        return scan_plan([i in moe_layers for i in range(len(self.layers))])
 
     def __call__(self, input_ids: Optional[jax.Array] = None, *, inputs_embeds: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
@@ -388,17 +397,23 @@ class LlamaForCausalLM(nnx.Module):
         else:
             key_valid, cache_index = mask, None
 
-        layer_fn = _decoder_layer_call if cfg.remat_policy == "none" else _rematerialized(cfg.remat_policy)
         inputs = LayerInputs(positions, inv_freq, key_valid, segment_ids, cache_index, mask)
-        new_keys, new_values, moe_aux = [], [], []
-        for i, layer in enumerate(self.layers):
-            layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-            x, updated, aux = layer_fn(layer, x, inputs, layer_cache, fold_rng(dropout_rng, i))
-            if updated is not None:
-                new_keys.append(updated[0])
-                new_values.append(updated[1])
-            if aux is not None:
-                moe_aux.append(aux)
+        new_keys, new_values, moe_aux = [], [], []  # moe_aux: dicts whose leaves lead with a MoGE-layer axis
+        for segment in self._segments(scan=cfg.scan_layers and cache is None):
+            if segment.repeats > 1:
+                x, aux = run_segment(self.layers, segment, x, inputs, dropout_rng,
+                                     _scan_checkpoint(cfg.remat_policy))
+                moe_aux.extend(aux)
+                continue
+            layer_fn = _decoder_layer_call if cfg.remat_policy == "none" else _rematerialized(cfg.remat_policy)
+            for i in range(segment.start, segment.stop):
+                layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
+                x, updated, aux = layer_fn(self.layers[i], x, inputs, layer_cache, fold_rng(dropout_rng, i))
+                if updated is not None:
+                    new_keys.append(updated[0])
+                    new_values.append(updated[1])
+                if aux is not None:
+                    moe_aux.append(jax.tree.map(lambda a: a[None], aux))
 
         hidden = self.norm(x)
         logits = constrain(self.lm_logits(hidden), ("activation_batch", "activation_length", "activation_vocab"))
@@ -407,13 +422,21 @@ class LlamaForCausalLM(nnx.Module):
             new_cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
                                 index=cache.index + seq_len,
                                 num_valid=cache.num_valid + mask.sum(axis=1, dtype=jnp.int32))
-        stacked_aux = {k: jnp.stack([a[k] for a in moe_aux]) for k in moe_aux[0]} if moe_aux else {}
+        stacked_aux = {k: jnp.concatenate([a[k] for a in moe_aux]) for k in moe_aux[0]} if moe_aux else {}
         return CausalLMOutput(logits=logits, cache=new_cache, hidden_states=hidden if return_hidden_states else None,
                               aux=stacked_aux)
 
 
 def _decoder_layer_call(layer, x, inputs: LayerInputs, layer_cache, rng):
     return layer(x, inputs, layer_cache, rng)
+
+
+def _scan_checkpoint(policy: str):
+    """How a scanned layer's pure call is wrapped: remat with the configured policy, or not at all. Inside a scan
+    the loop already keeps XLA from merging the recomputation into the forward, so prevent_cse is off."""
+    if policy == "none":
+        return lambda fn: fn
+    return lambda fn: jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
 def _rematerialized(policy: str):

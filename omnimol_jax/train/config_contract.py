@@ -3,7 +3,9 @@ the new config with it before anything is built.
 
 Three kinds of key:
     bookkeeping   may change on resume and is applied (logged): how long to train, how often to log, validate and
-                  save, the mesh (checkpoints restore onto any mesh), profiling, export;
+                  save, the mesh (checkpoints restore onto any mesh), profiling, export, and how the step is
+                  computed (remat, scanned layers, attention and MoGE kernels, loss chunking: the same numbers
+                  within fp32 rounding, as the tests check, and the same train state);
     ignored       init.*: weights come from the run's own checkpoints on resume, so a new value has no effect
                   (logged as a warning);
     contract      everything else: shapes of the train state, the data stream, the optimisation recipe. A change
@@ -23,6 +25,8 @@ BOOKKEEPING_KEYS = (
     "train.max_consecutive_nonfinite", "train.profile_steps", "train.peak_flops_per_device", "train.export_final",
     "train.allow_config_change", "data.prefetch_batches", "data.max_logged_examples",
     "data.max_consecutive_rejections", "data.strict", "data.allow_empty_tasks",
+    "model.remat_policy", "model.scan_layers", "model.attention_impl", "model.attention_block",
+    "model.moge.implementation", "train.loss_chunk",
 )
 IGNORED_ON_RESUME_KEYS = ("init",)
 

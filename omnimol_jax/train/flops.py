@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+
+from omnimol_jax import loops
 
 # Dense bf16 peak FLOP/s per device (vendor figures).
 KNOWN_PEAKS = {
@@ -21,6 +23,30 @@ def compiled_flops(compiled: Any) -> float:
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0] if analysis else {}
     return float((analysis or {}).get("flops", 0.0))
+
+
+def _cost(analysis: Any, key: str) -> float:
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else {}
+    return float((analysis or {}).get(key, 0.0))
+
+
+def step_costs(compiled: Any, lowered: Any, fn: Callable, *args: Any) -> tuple[float, float]:
+    """(FLOPs, bytes accessed) of one call of `compiled` (per device), with its loops counted in full.
+
+    XLA counts a loop body once, so when the step has loops (scanned layers, loss chunks, accumulated micro-batches)
+    the compiled figures are scaled by how much `fn`'s fully unrolled lowering (traced afresh, analysed, never
+    compiled) exceeds its looped lowering `lowered`: both before optimisation, so fusion cancels out of the ratio.
+    """
+    flops, bytes_accessed = _cost(compiled.cost_analysis(), "flops"), _cost(compiled.cost_analysis(),
+                                                                             "bytes accessed")
+    if "stablehlo.while" not in lowered.as_text():
+        return flops, bytes_accessed
+    with loops.unrolled_for_costing():
+        unrolled = jax.jit(lambda *a: fn(*a)).lower(*args)  # a new function: jit's trace cache cannot answer
+    looped, full = lowered.cost_analysis(), unrolled.cost_analysis()
+    scale = lambda key: _cost(full, key) / max(_cost(looped, key), 1.0)  # noqa: E731
+    return flops * scale("flops"), bytes_accessed * scale("bytes accessed")
 
 
 def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from omnimol_jax.train.flops import compiled_flops, device_peak_flops
+from omnimol_jax.train.flops import device_peak_flops, step_costs
 from omnimol_jax.train.metrics_log import MetricLogger, per_task_scalars
 
 
@@ -63,17 +63,21 @@ class Hook:
 class CompileHook(Hook):
     """Compiles the step ahead of its first call, to report the compile time and the FLOPs per step (for MFU)."""
 
-    def __init__(self, lower: Callable[[RunState], Any], peak_flops_per_device: float, say: Callable[[str], None]):
-        self.lower, self.peak_flops_per_device, self.say = lower, peak_flops_per_device, say
+    def __init__(self, step: Callable, arguments: Callable[[RunState], tuple], peak_flops_per_device: float,
+                 say: Callable[[str], None]):
+        self.step, self.arguments, self.peak_flops_per_device, self.say = step, arguments, peak_flops_per_device, say
 
     def before_step(self, run: RunState, step: int) -> None:
         if step != run.start_step:
             return
         start = time.perf_counter()
-        compiled = self.lower(run).compile()
-        run.flops_per_step = compiled_flops(compiled)
+        args = self.arguments(run)
+        lowered = self.step.lower(*args)
+        compiled = lowered.compile()
+        seconds = time.perf_counter() - start
+        run.flops_per_step, _ = step_costs(compiled, lowered, self.step.__wrapped__, *args)
         run.peak_flops, run.peak_source = device_peak_flops(self.peak_flops_per_device)
-        self.say(f"compiled the train step in {time.perf_counter() - start:.1f}s "
+        self.say(f"compiled the train step in {seconds:.1f}s "
                  f"({run.flops_per_step / 1e9:.2f} GFLOP per step and device)")
 
 

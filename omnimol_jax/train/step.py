@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from omnimol_jax import loops
 from omnimol_jax.checkpoint import path_text
 from omnimol_jax.constants import IGNORE_INDEX
 
@@ -141,7 +142,7 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
             return (grads_sum, objective_sum + objective), stats
 
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
-        (grads, objective), stats = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+        (grads, objective), stats = loops.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
                                                  (micro_batches, jnp.arange(num_micro)))
         grad_norm = _global_norm(grads)
         finite = jnp.isfinite(objective) & jnp.isfinite(grad_norm)

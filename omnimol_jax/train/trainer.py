@@ -362,7 +362,7 @@ class Trainer:
         """The run's hooks, in the order they act after each step (stop checks before the checkpoint)."""
         cfg = self.config.train
         return [
-            CompileHook(lambda run: train_step.lower(run.state, self.frozen, run.batch), cfg.peak_flops_per_device,
+            CompileHook(train_step, lambda run: (run.state, self.frozen, run.batch), cfg.peak_flops_per_device,
                         self.say),
             ProfileHook(cfg.profile_range(), self.output_dir / "profile", self.say),
             MetricsHook(self.task_names, cfg.log_every, cfg.max_steps, metric_logger,
