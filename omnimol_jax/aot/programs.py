@@ -239,8 +239,9 @@ def compile_train_step(config: Config, target: Target) -> ProgramReport:
     seconds = time.perf_counter() - start
     if refused:
         return _refused("train_step", refused, seconds, target)
-    with use_mesh(mesh):  # the loops (scanned layers, loss chunks, micro-batches) counted in full
-        costs = step_costs(compiled, lowered, train_step.__wrapped__, state, frozen, batches)
+    # the loops (scanned layers, loss chunks, micro-batches) counted in full; outside the target's mesh, since a
+    # TPU target's costs are counted on lowerings for this host
+    costs = step_costs(compiled, lowered, train_step.__wrapped__, state, frozen, batches)
     return _report("train_step", compiled, seconds, target, costs)
 
 

@@ -179,6 +179,8 @@ def run_eval(args: argparse.Namespace) -> int:
         greedy=args.greedy)
     result = run_evaluation(options, config)
     print(result.report["markdown"].read_text(), end="")
+    if result.generation is not None:
+        print(f"generation: {result.generation.summary()}")
     print(f"report: {result.report['markdown']}, {result.report['png']}, {result.out_dir / 'metrics'}/; "
           f"predictions: {result.predictions}"
           + (f"; {result.skipped} records skipped (see {result.out_dir / SKIPPED_FILE})" if result.skipped else ""),

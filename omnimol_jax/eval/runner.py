@@ -27,6 +27,7 @@ from typing import Any, Iterator, Optional, Sequence
 from tqdm.auto import tqdm
 
 from omnimol_jax import tasks
+from omnimol_jax.compile_watch import CompileWatch
 from omnimol_jax.config import MeshConfig
 from omnimol_jax.data import readers
 from omnimol_jax.data.prompts import generation_example
@@ -84,6 +85,7 @@ class EvalResult:
     report: dict
     predictions: Path
     skipped: int
+    generation: Optional[CompileWatch] = None  # the generation stage: its compiles and wall time
 
 
 @dataclasses.dataclass
@@ -299,50 +301,56 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     skipped: list[dict] = []
     model_config = session.model.language_model.config
     bar = tqdm(total=total_missing, desc="eval", unit="rec", disable=not options.progress, file=sys.stderr)
+    generation = CompileWatch().start()
     if done_before:
         bar.write(f"resuming: {done_before} predictions already in {store.path}")
-    for key, indices in missing.items():
-        spec, source = tasks.get_task(key), sources[key]
-        constrained = wants_constraint and spec.output_type == tasks.OUTPUT_SELFIES
-        pending = []
-        for i in indices:
-            record_id = task_ids[key][i]
-            try:
-                record = source[i]
-                example = generation_example(spec, record, session.tokenizer, session.feature_mode)
-            except ValueError as err:
-                skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
-                                "reason": str(err)[:300]})
-                logger.warning("skipped %s (%s record %d): %s", record_id, source.path, source.record_index(i), err)
-                bar.update(1)
-                continue
-            reason = model_config.position_overflow(len(example.input_ids), config.max_new_tokens)
-            if reason:
-                skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
-                                "reason": reason})
-                logger.warning("skipped %s: %s", record_id, reason)
-                bar.update(1)
-                continue
-            pending.append(PendingExample(record_id, key, example.input_ids, example.graph, record["output"], record))
-        bar.set_postfix_str(key)
-        mbr = mbr_config is not None and spec.answers_number
-        for batch in _batches(pending, options.batch_size):
-            if median_decoder is not None and spec.answers_number:
-                store.append(_median_prediction_records(batch, session, median_decoder, options.batch_size,
-                                                        config.max_new_tokens))
+    try:
+        for key, indices in missing.items():
+            spec, source = tasks.get_task(key), sources[key]
+            constrained = wants_constraint and spec.output_type == tasks.OUTPUT_SELFIES
+            pending = []
+            for i in indices:
+                record_id = task_ids[key][i]
+                try:
+                    record = source[i]
+                    example = generation_example(spec, record, session.tokenizer, session.feature_mode)
+                except ValueError as err:
+                    skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
+                                    "reason": str(err)[:300]})
+                    logger.warning("skipped %s (%s record %d): %s", record_id, source.path,
+                                   source.record_index(i), err)
+                    bar.update(1)
+                    continue
+                reason = model_config.position_overflow(len(example.input_ids), config.max_new_tokens)
+                if reason:
+                    skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
+                                    "reason": reason})
+                    logger.warning("skipped %s: %s", record_id, reason)
+                    bar.update(1)
+                    continue
+                pending.append(PendingExample(record_id, key, example.input_ids, example.graph, record["output"],
+                                              record))
+            bar.set_postfix_str(key)
+            mbr = mbr_config is not None and spec.answers_number
+            for batch in _batches(pending, options.batch_size):
+                if median_decoder is not None and spec.answers_number:
+                    store.append(_median_prediction_records(batch, session, median_decoder, options.batch_size,
+                                                            config.max_new_tokens))
+                    bar.update(len(batch))
+                    continue
+                if mbr:
+                    store.append(_mbr_prediction_records(batch, session, mbr_config, options.mbr_samples,
+                                                         rows=options.batch_size * options.mbr_samples))
+                    bar.update(len(batch))
+                    continue
+                out = session.generator.generate(
+                    [e.input_ids for e in batch], config, [e.graph for e in batch], constrained=constrained,
+                    rows=options.batch_size, row_seeds=[record_seed(config.seed, e.record_id) for e in batch],
+                    record_ids=[e.record_id for e in batch])
+                store.append(_prediction_records(batch, out, session, config.num_beams))
                 bar.update(len(batch))
-                continue
-            if mbr:
-                store.append(_mbr_prediction_records(batch, session, mbr_config, options.mbr_samples,
-                                                     rows=options.batch_size * options.mbr_samples))
-                bar.update(len(batch))
-                continue
-            out = session.generator.generate(
-                [e.input_ids for e in batch], config, [e.graph for e in batch], constrained=constrained,
-                rows=options.batch_size, row_seeds=[record_seed(config.seed, e.record_id) for e in batch],
-                record_ids=[e.record_id for e in batch])
-            store.append(_prediction_records(batch, out, session, config.num_beams))
-            bar.update(len(batch))
+    finally:
+        generation.stop()
     bar.close()
     (out_dir / SKIPPED_FILE).write_text(json.dumps(skipped, indent=2) + "\n")
 
@@ -357,4 +365,5 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
                                       tokenize_fn))
     results.update(baselines)
     paths = write_report(results, out_dir, report_conventions(store, task_ids, protocols))
-    return EvalResult(out_dir=out_dir, report=paths, predictions=store.path, skipped=len(skipped))
+    return EvalResult(out_dir=out_dir, report=paths, predictions=store.path, skipped=len(skipped),
+                      generation=generation)

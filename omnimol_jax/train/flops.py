@@ -1,13 +1,15 @@
 """FLOP accounting for MFU: XLA's cost analysis of the compiled step over the device's peak FLOP/s."""
 from __future__ import annotations
 
+import contextlib
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 
 from omnimol_jax import loops
+from omnimol_jax.sharding import use_mesh
 
 # Dense bf16 peak FLOP/s per device (vendor figures).
 KNOWN_PEAKS = {
@@ -36,17 +38,35 @@ def step_costs(compiled: Any, lowered: Any, fn: Callable, *args: Any) -> tuple[f
 
     XLA counts a loop body once, so when the step has loops (scanned layers, loss chunks, accumulated micro-batches)
     the compiled figures are scaled by how much `fn`'s fully unrolled lowering (traced afresh, analysed, never
-    compiled) exceeds its looped lowering `lowered`: both before optimisation, so fusion cancels out of the ratio.
+    compiled) exceeds its looped lowering: both before optimisation and partitioning, so fusion and the device
+    count cancel out of the ratio. A backend without an analysis of lowered programs (a TPU topology described
+    from a CPU host) has both lowered again for this host, from the arguments' shapes alone.
     """
-    flops, bytes_accessed = _cost(compiled.cost_analysis(), "flops"), _cost(compiled.cost_analysis(),
-                                                                             "bytes accessed")
+    flops = _cost(compiled.cost_analysis(), "flops")
+    bytes_accessed = _cost(compiled.cost_analysis(), "bytes accessed")
     if "stablehlo.while" not in lowered.as_text():
         return flops, bytes_accessed
-    with loops.unrolled_for_costing():
-        unrolled = jax.jit(lambda *a: fn(*a)).lower(*args)  # a new function: jit's trace cache cannot answer
-    looped, full = lowered.cost_analysis(), unrolled.cost_analysis()
-    scale = lambda key: _cost(full, key) / max(_cost(looped, key), 1.0)  # noqa: E731
+    looped, host = _lowered_cost(lowered), contextlib.nullcontext()
+    if looped is None:
+        args, host = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args), use_mesh(None)
+        with use_mesh(None):
+            looped = _lowered_cost(jax.jit(lambda *a: fn(*a)).lower(*args))
+    with loops.unrolled_for_costing(), host:
+        full = _lowered_cost(jax.jit(lambda *a: fn(*a)).lower(*args))  # a new function: not from jit's trace cache
+    if not looped or not full:
+        return flops, bytes_accessed
+    scale = lambda key: full.get(key, 0.0) / max(looped.get(key, 0.0), 1.0)  # noqa: E731
     return flops * scale("flops"), bytes_accessed * scale("bytes accessed")
+
+
+def _lowered_cost(lowered: Any) -> Optional[dict]:
+    try:
+        analysis = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - backends without an analysis of unoptimised programs raise their own errors
+        return None
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0] if analysis else None
+    return dict(analysis) if analysis and analysis.get("flops") else None
 
 
 def measure_matmul_peak(size: int = 2048, dtype=jnp.float32, repeats: int = 5) -> float:

@@ -70,3 +70,18 @@ def test_a_tpu_slice_compiles_when_libtpu_is_installed():
     assert len(target.devices) == 4 and target.hbm_bytes == 16 * 2 ** 30
     reports = compile_run(_tiny(), target, ("train",))
     assert reports[0].fits and reports[0].flops > 0 and reports[0].code_bytes > 0
+
+
+def test_the_reported_flops_count_every_micro_batch_and_loss_chunk():
+    """XLA counts a loop body once; the report counts the accumulation loop and the loss chunks in full: two
+    micro-batches cost twice one (the optimizer update aside), and chunking the loss changes nothing."""
+    target = T.resolve("cpu:4")
+
+    def train_flops(*overrides):
+        return compile_run(_tiny(*overrides), target, ("train",))[0].flops
+
+    one = train_flops("train.grad_accum_steps=1", "train.loss_chunk=0")
+    two = train_flops("train.grad_accum_steps=2", "train.loss_chunk=0")
+    two_chunked = train_flops("train.grad_accum_steps=2", "train.loss_chunk=32")
+    assert 1.9 < two / one < 2.02
+    assert two_chunked == pytest.approx(two, rel=0.03)

@@ -30,3 +30,20 @@ def test_the_compilation_cache_is_on_by_default_off_on_request_and_a_jax_setting
         assert caches.enable_compilation_cache() is None
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+
+
+def test_the_compile_watch_counts_backend_compiles_only_while_started():
+    import jax
+    import numpy as np
+
+    from omnimol_jax.compile_watch import CompileWatch
+
+    double = jax.jit(lambda x: x * 2.0 + 1.0)
+    with CompileWatch() as watch:
+        double(np.ones(3, np.float32))
+        double(np.ones(5, np.float32))  # a new shape: a new program
+        double(np.ones(5, np.float32))  # the same: no compile
+    assert watch.compiles == 2 and 0 < watch.compile_s <= watch.wall_s
+    double(np.ones(7, np.float32))  # after stop: not counted
+    assert watch.compiles == 2
+    assert watch.summary().startswith("2 program(s) compiled in ")
