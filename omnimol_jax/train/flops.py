@@ -20,11 +20,8 @@ KNOWN_PEAKS = {
 
 
 def compiled_flops(compiled: Any) -> float:
-    """FLOPs of one call of a compiled computation (per device), 0 if XLA gives none."""
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):
-        analysis = analysis[0] if analysis else {}
-    return float((analysis or {}).get("flops", 0.0))
+    """FLOPs of one call of a compiled computation (per device) as XLA counts them (loops once), 0 if it gives none."""
+    return _cost(compiled.cost_analysis(), "flops")
 
 
 def _cost(analysis: Any, key: str) -> float:
@@ -42,8 +39,8 @@ def step_costs(compiled: Any, lowered: Any, fn: Callable, *args: Any) -> tuple[f
     count cancel out of the ratio. A backend without an analysis of lowered programs (a TPU topology described
     from a CPU host) has both lowered again for this host, from the arguments' shapes alone.
     """
-    flops = _cost(compiled.cost_analysis(), "flops")
-    bytes_accessed = _cost(compiled.cost_analysis(), "bytes accessed")
+    analysis = compiled.cost_analysis()
+    flops, bytes_accessed = _cost(analysis, "flops"), _cost(analysis, "bytes accessed")
     if "stablehlo.while" not in lowered.as_text():
         return flops, bytes_accessed
     looped, host = _lowered_cost(lowered), contextlib.nullcontext()
