@@ -100,10 +100,21 @@ def choose_budget(num_nodes: Sequence[int], num_edges: Sequence[int], batch_size
     return GraphBudget(max_nodes=max_nodes, max_edges=max_edges, max_graphs=batch_size + 1)
 
 
-def prompt_graph_budget(graphs: Sequence[Optional["MolGraph"]], rows: int) -> GraphBudget:
-    """Power-of-two node / edge budgets that hold every graph of the batch (few distinct shapes -> few compiles)."""
+def prompt_graph_budget(graphs: Sequence[Optional["MolGraph"]], rows: int, bucket: Optional[int] = None) -> GraphBudget:
+    """A budget that holds every graph of the batch, chosen so that few distinct shapes (compiles) occur.
+
+    With the prompt `bucket` (generation: rows x bucket token slots), the budget follows the token shape alone:
+    a node per token slot (a molecule's atoms each take a slot, so they always fit) and two directed edges per
+    slot (a molecule has about 1.1 bonds per atom, and prompts also hold text). Batches of one prompt shape then
+    share one program whatever their molecules, or whether they have any. Otherwise, or when a batch's bonds
+    overflow that, the node / edge totals are rounded up to powers of two.
+    """
     nodes = sum(g.num_nodes for g in graphs if g is not None)
     edges = sum(g.num_edges for g in graphs if g is not None)
+    if bucket is not None:
+        slots = rows * int(bucket)
+        if nodes <= slots and edges <= 2 * slots:
+            return GraphBudget(max_nodes=slots + 1, max_edges=2 * slots, max_graphs=rows + 1)
     return GraphBudget(max_nodes=max(64, next_power_of_two(nodes + 1)), max_edges=max(128, next_power_of_two(edges)),
                        max_graphs=rows + 1)
 

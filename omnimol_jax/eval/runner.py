@@ -40,6 +40,7 @@ from omnimol_jax.eval.report import PredictionStore, write_report
 from omnimol_jax.eval.wordnet import prefetch_wordnet, wordnet_status
 from omnimol_jax.inference.decoding import GenerationConfig
 from omnimol_jax.inference.mbr import l1_medoid
+from omnimol_jax.inference.prompt_buckets import PromptBuckets
 from omnimol_jax.inference.session import InferenceSession, load_session, number_median_decoder, record_seed
 from omnimol_jax.tasks import get_task
 
@@ -165,13 +166,13 @@ def _prediction_records(batch: list[PendingExample], out, session: InferenceSess
 
 
 def _mbr_prediction_records(batch: list[PendingExample], session: InferenceSession, config, samples: int,
-                            rows: int) -> list[dict]:
+                            rows: int, bucket: Optional[int] = None) -> list[dict]:
     """N seeded samples per prompt, answered with their L1 medoid (see inference/mbr.py)."""
     expanded = [e for e in batch for _ in range(samples)]
     out = session.generator.generate(
         [e.input_ids for e in expanded], config, [e.graph for e in expanded], rows=rows,
         row_seeds=[record_seed(config.seed, f"{e.record_id}#{k % samples}") for k, e in enumerate(expanded)],
-        record_ids=[e.record_id for e in expanded])
+        record_ids=[e.record_id for e in expanded], bucket=bucket)
     records = []
     for i, example in enumerate(batch):
         answers = [session.decode(out.answer_ids(i * samples + k, 0)) for k in range(samples)]
@@ -185,10 +186,10 @@ def _mbr_prediction_records(batch: list[PendingExample], session: InferenceSessi
 
 
 def _median_prediction_records(batch: list[PendingExample], session: InferenceSession, decoder, rows: int,
-                               max_new_tokens: int) -> list[dict]:
+                               max_new_tokens: int, bucket: Optional[int] = None) -> list[dict]:
     """Numbers answered with the median of the model's distribution (see inference/number_median.py)."""
     answers = decoder.generate([e.input_ids for e in batch], [e.graph for e in batch], max_new_tokens=max_new_tokens,
-                               rows=rows, record_ids=[e.record_id for e in batch])
+                               rows=rows, record_ids=[e.record_id for e in batch], bucket=bucket)
     return [_record(example, session.decode(answer.ids),
                     raw=session.decode_raw(answer.ids + ([answer.stop_id] if answer.stop_id is not None else [])),
                     num_tokens=len(answer.ids), finished=answer.finished,
@@ -250,6 +251,64 @@ def report_conventions(store, task_ids: dict[str, list[str]], protocols: Sequenc
     return conventions
 
 
+def _pending_examples(task: str, source, record_ids: list[str], indices: Sequence[int], session: InferenceSession,
+                      config: GenerationConfig, skipped: list[dict], bar) -> list[PendingExample]:
+    """The prompts of one task's records still to answer; records that cannot be prompted go to `skipped`."""
+    spec = tasks.get_task(task)
+    model_config = session.model.language_model.config
+    pending = []
+    for i in indices:
+        record_id = record_ids[i]
+        try:
+            record = source[i]
+            example = generation_example(spec, record, session.tokenizer, session.feature_mode)
+            reason = model_config.position_overflow(len(example.input_ids), config.max_new_tokens)
+        except ValueError as err:
+            reason = str(err)[:300]
+        if reason:
+            skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
+                            "reason": reason})
+            logger.warning("skipped %s (%s record %d): %s", record_id, source.path, source.record_index(i), reason)
+            bar.update(1)
+            continue
+        pending.append(PendingExample(record_id, task, example.input_ids, example.graph, record["output"],
+                                      record))
+    return pending
+
+
+def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, session: InferenceSession,
+              config: GenerationConfig, mbr_config: Optional[GenerationConfig], median_decoder,
+              wants_constraint: bool, store: PredictionStore, bar) -> None:
+    """Answers every pending example, batch by batch, appending each batch's records to the store.
+
+    Every batch's padded prompt length is planned first (prompt_buckets.py): one compile per planned length
+    and decoding mode, instead of one per power of two that some batch happens to need."""
+    batches = [(key, batch) for key, examples in pending.items() for batch in _batches(examples, options.batch_size)]
+    if not batches:
+        return
+    buckets = PromptBuckets.plan([max(len(e.input_ids) for e in batch) for _, batch in batches],
+                                 min_length=session.generator.min_prompt_bucket)
+    for key, batch in batches:
+        spec = tasks.get_task(key)
+        bucket = buckets.bucket_for(max(len(e.input_ids) for e in batch))
+        bar.set_postfix_str(key)
+        if median_decoder is not None and spec.answers_number:
+            records = _median_prediction_records(batch, session, median_decoder, options.batch_size,
+                                                 config.max_new_tokens, bucket)
+        elif mbr_config is not None and spec.answers_number:
+            records = _mbr_prediction_records(batch, session, mbr_config, options.mbr_samples,
+                                              options.batch_size * options.mbr_samples, bucket)
+        else:
+            out = session.generator.generate(
+                [e.input_ids for e in batch], config, [e.graph for e in batch],
+                constrained=wants_constraint and spec.output_type == tasks.OUTPUT_SELFIES, rows=options.batch_size,
+                row_seeds=[record_seed(config.seed, e.record_id) for e in batch],
+                record_ids=[e.record_id for e in batch], bucket=bucket)
+            records = _prediction_records(batch, out, session, config.num_beams)
+        store.append(records)
+        bar.update(len(batch))
+
+
 def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult:
     """Generates what is missing from <out>/predictions.jsonl, scores every task and writes the report."""
     if options.batch_size < 1:
@@ -298,57 +357,15 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
         raise EvalError(f"no test records for {task_keys} in {options.data}")
     total_missing = sum(len(v) for v in missing.values())
     done_before = sum(len(v) for v in task_ids.values()) - total_missing
-    skipped: list[dict] = []
-    model_config = session.model.language_model.config
     bar = tqdm(total=total_missing, desc="eval", unit="rec", disable=not options.progress, file=sys.stderr)
-    generation = CompileWatch().start()
     if done_before:
         bar.write(f"resuming: {done_before} predictions already in {store.path}")
+    skipped: list[dict] = []
+    pending = {key: _pending_examples(key, sources[key], task_ids[key], indices, session, config, skipped, bar)
+               for key, indices in missing.items()}
+    generation = CompileWatch().start()
     try:
-        for key, indices in missing.items():
-            spec, source = tasks.get_task(key), sources[key]
-            constrained = wants_constraint and spec.output_type == tasks.OUTPUT_SELFIES
-            pending = []
-            for i in indices:
-                record_id = task_ids[key][i]
-                try:
-                    record = source[i]
-                    example = generation_example(spec, record, session.tokenizer, session.feature_mode)
-                except ValueError as err:
-                    skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
-                                    "reason": str(err)[:300]})
-                    logger.warning("skipped %s (%s record %d): %s", record_id, source.path,
-                                   source.record_index(i), err)
-                    bar.update(1)
-                    continue
-                reason = model_config.position_overflow(len(example.input_ids), config.max_new_tokens)
-                if reason:
-                    skipped.append({"id": record_id, "file": source.path, "record": source.record_index(i),
-                                    "reason": reason})
-                    logger.warning("skipped %s: %s", record_id, reason)
-                    bar.update(1)
-                    continue
-                pending.append(PendingExample(record_id, key, example.input_ids, example.graph, record["output"],
-                                              record))
-            bar.set_postfix_str(key)
-            mbr = mbr_config is not None and spec.answers_number
-            for batch in _batches(pending, options.batch_size):
-                if median_decoder is not None and spec.answers_number:
-                    store.append(_median_prediction_records(batch, session, median_decoder, options.batch_size,
-                                                            config.max_new_tokens))
-                    bar.update(len(batch))
-                    continue
-                if mbr:
-                    store.append(_mbr_prediction_records(batch, session, mbr_config, options.mbr_samples,
-                                                         rows=options.batch_size * options.mbr_samples))
-                    bar.update(len(batch))
-                    continue
-                out = session.generator.generate(
-                    [e.input_ids for e in batch], config, [e.graph for e in batch], constrained=constrained,
-                    rows=options.batch_size, row_seeds=[record_seed(config.seed, e.record_id) for e in batch],
-                    record_ids=[e.record_id for e in batch])
-                store.append(_prediction_records(batch, out, session, config.num_beams))
-                bar.update(len(batch))
+        _generate(pending, options, session, config, mbr_config, median_decoder, wants_constraint, store, bar)
     finally:
         generation.stop()
     bar.close()

@@ -5,9 +5,11 @@ Shapes are static so one compilation serves many batches:
 - prompts are LEFT-padded to a length bucket (a power of two, at least `min_prompt_bucket`), so the last
   prompt position is real for every row and the first new token comes from the prefill's last logits;
 - the batch is padded to a fixed row count with dummy rows (their outputs are dropped);
-- the graph batch is padded to power-of-two node / edge budgets;
+- the graph batch is padded to a budget set by rows x bucket (one node and two edges per token slot), and a
+  batch without molecules gets an empty one, so one program serves every batch of a prompt shape;
 - the cache holds bucket + max_new_tokens slots.
-One program per (rows, prompt bucket, graph budget, max_new_tokens, decoding mode) is compiled and reused.
+One program per (rows, prompt bucket, max_new_tokens, decoding mode) is compiled and reused (a batch whose bonds
+overflow the budget gets a power-of-two one, and its own program).
 
 The whole generation (prefill, then a `lax.while_loop` of one-token decode steps that stops as soon as every row
 has finished) is one jitted call. Positions follow the cache's count of real tokens, so left padding does not
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from omnimol_jax.constants import NUM_ATOM_FEATURES, NUM_BOND_FEATURES
 from omnimol_jax.data.graphs import batch_graphs, next_power_of_two, prompt_graph_budget
 from omnimol_jax.errors import InputError
 from omnimol_jax.graph_batch import GraphBatch
@@ -133,10 +136,13 @@ def prompt_bucket(length: int, min_bucket: int = 32) -> int:
 
 def build_prompt_batch(prompts: Sequence[Sequence[int]], graphs: Optional[Sequence[Any]], *, pad_token_id: int,
                        rows: Optional[int] = None, bucket: Optional[int] = None, min_bucket: int = 32,
-                       record_ids: Optional[Sequence[str]] = None) -> PromptBatch:
+                       record_ids: Optional[Sequence[str]] = None,
+                       graph_feature_widths: Optional[tuple[int, int]] = None) -> PromptBatch:
     """Left-pads prompts (graph slots already expanded) into [rows, bucket] and batches their graphs.
 
     Extra rows (up to `rows`) are dummies: one pad token, no graph. Graph slots must match the graph's atoms.
+    `graph_feature_widths` (atom, bond feature columns; a model with a graph tower): a batch without molecules
+    gets an empty graph batch of the same budget, so it runs the program that batches with molecules run.
     """
     from omnimol_jax.data.graph_slots import GraphSlotError, check_graph_slots
 
@@ -167,10 +173,12 @@ def build_prompt_batch(prompts: Sequence[Sequence[int]], graphs: Optional[Sequen
         mask[row, bucket - len(ids):] = 1
     mask[count:, -1] = 1  # dummy rows: one real (pad) token, so attention never sees an empty row
     graph_batch = None
-    if graphs is not None and any(g is not None for g in graphs):
-        padded_graphs = list(graphs) + [None] * (rows - count)
-        graph_batch, _ = batch_graphs(padded_graphs, prompt_graph_budget(padded_graphs, rows),
-                                      record_ids=names + [f"<dummy {i}>" for i in range(rows - count)], strict=True)
+    has_graphs = graphs is not None and any(g is not None for g in graphs)
+    if has_graphs or graph_feature_widths is not None:
+        padded_graphs = list(graphs if graphs is not None else [None] * count) + [None] * (rows - count)
+        graph_batch, _ = batch_graphs(padded_graphs, prompt_graph_budget(padded_graphs, rows, bucket),
+                                      record_ids=names + [f"<dummy {i}>" for i in range(rows - count)], strict=True,
+                                      feature_widths=graph_feature_widths)
     return PromptBatch(input_ids, mask, graph_batch)
 
 
@@ -453,6 +461,11 @@ class Generator:
             raise ValueError(f"token ids {bad} are outside the model vocabulary of {self.config.vocab_size}")
         self.mesh = mesh
         self.min_prompt_bucket = int(min_prompt_bucket)
+        # With a graph tower, text-only batches carry an empty graph batch: they share the molecule batches' program.
+        self.graph_feature_widths = None
+        if isinstance(model, OmniMolModel):
+            mode = model.graph_tower.config.feature_mode
+            self.graph_feature_widths = (NUM_ATOM_FEATURES[mode], NUM_BOND_FEATURES[mode])
         self.constraint = constraint
         if constraint is not None and constraint.vocab_size != self.config.vocab_size:
             raise ValueError(f"the constraint covers {constraint.vocab_size} token ids, the model has "
@@ -494,9 +507,10 @@ class Generator:
     def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig = GenerationConfig(),
                  graphs: Optional[Sequence[Any]] = None, *, row_seeds: Optional[Sequence[int]] = None,
                  constrained: bool = False, rows: Optional[int] = None,
-                 record_ids: Optional[Sequence[str]] = None) -> GenerationOutput:
+                 record_ids: Optional[Sequence[str]] = None, bucket: Optional[int] = None) -> GenerationOutput:
         """Generates for `prompts` (token ids with graph slots expanded; `graphs[i]` the MolGraph of prompt i or
-        None). `rows` pads the batch to a fixed row count (one compile for every batch of a run);
+        None). `rows` pads the batch to a fixed row count and `bucket` the prompts to a fixed length (default:
+        the next power of two), so that one compile serves every batch of a run (see prompt_buckets.py);
         `row_seeds` (default: the row index) makes each row's sampling independent of its batch."""
         if constrained and self.constraint is None:
             raise ValueError("constrained decoding needs a Generator built with a SelfiesConstraint")
@@ -505,8 +519,9 @@ class Generator:
         overflow = self.config.position_overflow(longest, config.max_new_tokens)
         if overflow:
             raise GenerationError(overflow)
-        batch = build_prompt_batch(prompts, graphs, pad_token_id=self.pad_token_id, rows=rows,
-                                   min_bucket=self.min_prompt_bucket, record_ids=record_ids)
+        batch = build_prompt_batch(prompts, graphs, pad_token_id=self.pad_token_id, rows=rows, bucket=bucket,
+                                   min_bucket=self.min_prompt_bucket, record_ids=record_ids,
+                                   graph_feature_widths=self.graph_feature_widths)
         seeds = np.arange(batch.input_ids.shape[0], dtype=np.int32)
         if row_seeds is not None:
             if len(row_seeds) != count:

@@ -257,15 +257,17 @@ class NumberMedianDecoder:
 
     def generate(self, prompts: Sequence[Sequence[int]], graphs: Optional[Sequence[Any]] = None, *,
                  max_new_tokens: int = 128, rows: Optional[int] = None,
-                 record_ids: Optional[Sequence[str]] = None) -> list[MedianAnswer]:
+                 record_ids: Optional[Sequence[str]] = None, bucket: Optional[int] = None) -> list[MedianAnswer]:
+        """Answers `prompts` as Generator.generate does (`rows`, `bucket`: the padded batch shape)."""
         gen = self.generator
         count = len(prompts)
         longest = max((len(p) for p in prompts), default=0)
         overflow = gen.config.position_overflow(longest, max_new_tokens)
         if overflow:
             raise GenerationError(overflow)
-        batch = build_prompt_batch(prompts, graphs, pad_token_id=gen.pad_token_id, rows=rows,
-                                   min_bucket=gen.min_prompt_bucket, record_ids=record_ids)
+        batch = build_prompt_batch(prompts, graphs, pad_token_id=gen.pad_token_id, rows=rows, bucket=bucket,
+                                   min_bucket=gen.min_prompt_bucket, record_ids=record_ids,
+                                   graph_feature_widths=gen.graph_feature_widths)
         prompt_rows, bucket = batch.input_ids.shape
         # Enumeration steps and replays write cache slots that the answer does not keep: room for four numbers.
         cache_length = bucket + max_new_tokens + 4 * (2 * self.max_integer_tokens + 1)

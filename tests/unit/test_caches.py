@@ -32,7 +32,7 @@ def test_the_compilation_cache_is_on_by_default_off_on_request_and_a_jax_setting
         jax.config.update("jax_compilation_cache_dir", before)
 
 
-def test_the_compile_watch_counts_backend_compiles_only_while_started():
+def test_the_compile_watch_counts_compiles_and_their_trace_time_only_while_started():
     import jax
     import numpy as np
 
@@ -46,4 +46,4 @@ def test_the_compile_watch_counts_backend_compiles_only_while_started():
     assert watch.compiles == 2 and 0 < watch.compile_s <= watch.wall_s
     double(np.ones(7, np.float32))  # after stop: not counted
     assert watch.compiles == 2
-    assert watch.summary().startswith("2 program(s) compiled in ")
+    assert watch.summary().startswith("2 program(s) compiled; tracing, lowering and compiling took ")

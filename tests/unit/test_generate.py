@@ -121,6 +121,34 @@ def test_batched_equals_one_by_one(generator, mixed_batch):
         np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[row], atol=1e-4)
 
 
+def test_text_and_molecule_batches_of_one_shape_share_a_program(omnimol, generator, mixed_batch):
+    """A batch without molecules carries an empty graph batch of the shape's budget: no compile of its own, and
+    the answers of the bare language model (the full forward without graphs)."""
+    from omnimol_jax.compile_watch import CompileWatch
+
+    prompts, graphs = mixed_batch
+    config = GenerationConfig(max_new_tokens=STEPS)
+    text_prompts = [prompts[1], prompts[3]]
+    text_out = generator.generate(text_prompts, config, [None, None], rows=5)  # rows=5: a shape no other test uses
+    for row, prompt in enumerate(text_prompts):
+        assert _generated(text_out, row) == _reference_greedy(omnimol, prompt, None, STEPS), f"row {row}"
+    with CompileWatch() as watch:
+        generator.generate(text_prompts, config, None, rows=5)
+        generator.generate(prompts, config, graphs, rows=5)
+    assert watch.compiles == 0
+
+
+def test_a_longer_prompt_bucket_gives_the_same_answers(generator, mixed_batch):
+    prompts, graphs = mixed_batch
+    config = GenerationConfig(max_new_tokens=STEPS)
+    default = generator.generate(prompts, config, graphs, rows=4)
+    padded = generator.generate(prompts, config, graphs, rows=4, bucket=96)
+    np.testing.assert_array_equal(padded.tokens, default.tokens)
+    np.testing.assert_allclose(padded.logprobs, default.logprobs, atol=1e-4)
+    with pytest.raises(GenerationError, match="exceeds the bucket of 8"):
+        generator.generate(prompts, config, graphs, rows=4, bucket=8)
+
+
 def test_stop_tokens_end_rows_and_pad_after(omnimol, mixed_batch):
     prompts, graphs = mixed_batch
     free = Generator(omnimol, pad_token_id=PAD, stop_token_ids=[CONFIG.vocab_size - 1])

@@ -174,3 +174,17 @@ def test_graphs_of_packed_rows_equal_batching_the_samples():
         np.testing.assert_array_equal(got, want)
     with pytest.raises(ValueError, match="more than the budget"):
         G.batch_row_graphs(*[[p[i] for p in packed] for i in range(5)], G.GraphBudget(16, 160, 16))
+
+
+def test_prompt_budget_follows_the_token_shape_and_falls_back_to_powers_of_two():
+    from omnimol_jax.data.graphs import prompt_graph_budget
+
+    ethanol, aspirin = smiles_to_graph("CCO"), smiles_to_graph("CC(=O)Oc1ccccc1C(=O)O")
+    # 4 rows x 32 slots: one node per slot (+1 padding node), two directed edges per slot, a graph per row (+1)
+    assert prompt_graph_budget([ethanol, None, aspirin], 4, bucket=32) == G.GraphBudget(129, 256, 5)
+    assert prompt_graph_budget([None, None], 4, bucket=32) == G.GraphBudget(129, 256, 5)
+    assert (aspirin.num_nodes, aspirin.num_edges) == (13, 26)
+    assert prompt_graph_budget([aspirin], 1, bucket=13) == G.GraphBudget(14, 26, 2)  # exactly full
+    # with 12 slots its atoms and bonds overflow: powers of two, as without a bucket
+    fallback = prompt_graph_budget([aspirin], 1, bucket=12)
+    assert fallback == prompt_graph_budget([aspirin], 1) == G.GraphBudget(64, 128, 2)
