@@ -1,12 +1,13 @@
 """Generation throughput: our jitted KV-cache decoder vs transformers `generate()` (torch), same weights, same work.
 
     python benchmarks/generate.py [--preset small] [--batches 1,32] [--prompt-len 64] [--new-tokens 64]
-                                  [--iters 3] [--torch-threads N]
+                                  [--iters 3] [--threads N]
 
 Greedy, text-only, every row generating exactly --new-tokens tokens (the only stop token is one neither model
 emits; the script checks). Random weights (`model.preset=small`). Prints one JSON object: for each batch size
 the generated tokens/s of both (best of --iters timed runs after a warm-up, medians beside them; the runs of
-the two are interleaved so that both see the same background load of a shared machine), their ratio, our
+the two are interleaved so that both see the same background load of a shared machine; --threads pins both to
+the same cores, 0 = all), their ratio, our
 compile time, and how many leading generated ids agree between the two (float rounding may flip a near-tie
 later on random weights). Both timings include the prefill; ours also host<->device transfers and padding.
 Against the roofline: the useful FLOPs of the run (every matmul of the prefill and of each decode step, the LM
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from flax import nnx
 from hf_reference import torch_twin
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import describe_machine, pin_threads  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.inference import GenerationConfig, Generator
@@ -120,10 +121,9 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--iters", type=int, default=3)
     parser.add_argument("--torch-attention", default="sdpa", choices=["sdpa", "eager"])
-    parser.add_argument("--torch-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=0, help="pin both to this many cores (0: all)")
     args = parser.parse_args()
-    if args.torch_threads:
-        torch.set_num_threads(args.torch_threads)
+    pinned = pin_threads(args.threads)
 
     config = model_config_from_preset(args.preset)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(0))
@@ -139,6 +139,7 @@ def main() -> None:
         "decoding": "greedy, text only, fixed length", "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "dtype": config.dtype, "iters": args.iters,
         "torch_attention": twin.config._attn_implementation, "machine_peak_matmul_flops_per_s": round(peak),
+        "threads": pinned,
         "results": results,
         "machine": describe_machine(),
     }, indent=2))

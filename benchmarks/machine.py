@@ -1,4 +1,5 @@
-"""The `machine` block every benchmark prints: what ran the numbers (libraries already imported only)."""
+"""The `machine` block every benchmark prints (what ran the numbers; libraries already imported only), and
+`pin_threads`, which puts both frameworks of a comparison on the same cores."""
 from __future__ import annotations
 
 import os
@@ -17,3 +18,16 @@ def describe_machine(**extra) -> dict:
         torch = sys.modules["torch"]
         info.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
     return {**info, **extra}
+
+
+def pin_threads(threads: int) -> str:
+    """Both frameworks on the same cores: the process's CPU affinity (XLA sizes its pool from it when its backend
+    starts, so call this before the first jax computation) and torch's intra-op thread count. 0: all cores."""
+    if threads <= 0:
+        return f"all {os.cpu_count()} cpus"
+    if hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))[:threads]
+        os.sched_setaffinity(0, set(cores))
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    return f"pinned to {threads} core(s)"

@@ -1,6 +1,6 @@
 """One matmul at a time, XLA:CPU against torch, at the shapes a model's steps are made of.
 
-    python benchmarks/matmul_shapes.py [--preset small] [--rows 32,1024] [--iters 7]
+    python benchmarks/matmul_shapes.py [--preset small] [--rows 32,1024] [--iters 7] [--threads N]
 
 For each row count M (32: a decode step at batch 32; 1024: a train step's 4 x 256 tokens) and each weight of
 the preset (q/o, k/v, gate/up, down, the tied LM head), the achieved GFLOP/s of `x @ w` in a jitted JAX
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import describe_machine, pin_threads  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.config import model_config_from_preset
 
@@ -41,7 +41,9 @@ def main() -> None:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--rows", default="32,1024")
     parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=0, help="pin both to this many cores (0: all)")
     args = parser.parse_args()
+    pinned = pin_threads(args.threads)
     config = model_config_from_preset(args.preset)
     d, f, hd = config.hidden_size, config.intermediate_size, config.head_dim
     weights = {"q_proj / o_proj": (d, config.num_heads * hd), "k_proj / v_proj": (d, config.num_kv_heads * hd),
@@ -72,7 +74,8 @@ def main() -> None:
                             "jax_out_in_gflop_per_s": round(flops / min(jax_t_s) / 1e9, 1),
                             "torch_gflop_per_s": round(flops / min(torch_s) / 1e9, 1),
                             "jax_over_torch": round(min(torch_s) / min(jax_s), 3)})
-    print(json.dumps({"benchmark": "matmul_shapes", "preset": args.preset, "dtype": "float32", "results": results,
+    print(json.dumps({"benchmark": "matmul_shapes", "preset": args.preset, "dtype": "float32", "threads": pinned,
+                      "results": results,
                       "machine": describe_machine()}, indent=2))
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from flax import nnx
 from hf_reference import torch_twin
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import describe_machine, pin_threads  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, LoRAConfig, MoGEConfig, TrainConfig, model_config_from_preset
@@ -99,18 +98,6 @@ def torch_peft(config, model, ids, rank: int):
     run()
     return {"trainable_parameters": int(sum(p.numel() for p in peft_model.parameters() if p.requires_grad)),
             "torch_threads": torch.get_num_threads()}, run
-
-
-def pin_threads(threads: int) -> str:
-    """Both frameworks on the same cores: the process's CPU affinity (XLA sizes its pool from it when its backend
-    starts, which is after this) and torch's intra-op thread count."""
-    if threads <= 0:
-        return f"all {os.cpu_count()} cpus"
-    if hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))[:threads]
-        os.sched_setaffinity(0, set(cores))
-    torch.set_num_threads(threads)
-    return f"pinned to {threads} core(s)"
 
 
 def main() -> None:

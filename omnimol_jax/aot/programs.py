@@ -253,7 +253,9 @@ def compile_generation(config: Config, target: Target, rows: int, prompt_len: in
     pad = config.model.pad_token_id or 0
     generator = Generator(abstract_model, pad_token_id=pad, stop_token_ids=[config.model.eos_token_id or 1],
                           mesh=mesh)
-    batch = build_prompt_batch([[1] * prompt_len] * rows, None, pad_token_id=pad, bucket=prompt_len)
+    # as `omnimol eval` runs it: a graph batch sized by the token shape (here empty; the shapes are what count)
+    batch = build_prompt_batch([[1] * prompt_len] * rows, None, pad_token_id=pad, bucket=prompt_len,
+                               graph_feature_widths=generator.graph_feature_widths)
     program, args = generator.program_for(batch, GenerationConfig(max_new_tokens=new_tokens))
     start = time.perf_counter()
     with use_mesh(mesh):

@@ -146,7 +146,8 @@ class ModelConfig:
     scan_layers: bool = False
     # blockwise (default): einsum attention attention_block queries at a time over the keys up to the block's end
     # (causally masked key blocks skipped), each block's scores rematerialised; decoding with a cache uses einsum.
-    # einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention (cuDNN on GPU).
+    # einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention with the dense mask, which in
+    # jax 0.10-0.12 runs XLA's implementation on every platform (cuDNN needs implementation='cudnn'; README).
     attention_impl: Literal["blockwise", "einsum", "jax"] = "blockwise"
     attention_block: int = 128
     bos_token_id: Optional[int] = 128000

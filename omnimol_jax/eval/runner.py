@@ -40,7 +40,7 @@ from omnimol_jax.eval.report import PredictionStore, write_report
 from omnimol_jax.eval.wordnet import prefetch_wordnet, wordnet_status
 from omnimol_jax.inference.decoding import GenerationConfig
 from omnimol_jax.inference.mbr import l1_medoid
-from omnimol_jax.inference.prompt_buckets import PromptBuckets
+from omnimol_jax.inference.prompt_buckets import plan_batch_lengths
 from omnimol_jax.inference.session import InferenceSession, load_session, number_median_decoder, record_seed
 from omnimol_jax.tasks import get_task
 
@@ -50,6 +50,9 @@ PREDICTIONS_FILE = "predictions.jsonl"
 SETTINGS_FILE = "eval_config.json"
 SKIPPED_FILE = "skipped.json"
 TOPK_VALUES = (1, 3, 5, 10)
+# A prompt length that fewer batches of a decoder would use is merged into the next longer one. On the demo's CPU a
+# program compiles in 2-3 s, about one batch's run, while padding a batch to the next length adds a fraction of it.
+PLAN_MIN_BATCHES = 8
 
 
 class EvalError(InputError):
@@ -281,21 +284,25 @@ def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, se
               wants_constraint: bool, store: PredictionStore, bar) -> None:
     """Answers every pending example, batch by batch, appending each batch's records to the store.
 
-    Every batch's padded prompt length is planned first (prompt_buckets.py): one compile per planned length
-    and decoding mode, instead of one per power of two that some batch happens to need."""
+    Every batch's padded prompt length is planned first, for each decoder apart (prompt_buckets.py): one compile
+    per (decoder, planned length), instead of one per power of two that some batch happens to need."""
+    def decoder_of(key: str) -> str:
+        if tasks.get_task(key).answers_number and median_decoder is not None:
+            return "median"
+        return "mbr" if tasks.get_task(key).answers_number and mbr_config is not None else "generate"
+
     batches = [(key, batch) for key, examples in pending.items() for batch in _batches(examples, options.batch_size)]
-    if not batches:
-        return
-    buckets = PromptBuckets.plan([max(len(e.input_ids) for e in batch) for _, batch in batches],
-                                 min_length=session.generator.min_prompt_bucket)
-    for key, batch in batches:
+    buckets = plan_batch_lengths([max(len(e.input_ids) for e in batch) for _, batch in batches],
+                                 [decoder_of(key) for key, _ in batches],
+                                 min_length=session.generator.min_prompt_bucket, min_batches=PLAN_MIN_BATCHES)
+    for (key, batch), bucket in zip(batches, buckets):
         spec = tasks.get_task(key)
-        bucket = buckets.bucket_for(max(len(e.input_ids) for e in batch))
+        decoder = decoder_of(key)
         bar.set_postfix_str(key)
-        if median_decoder is not None and spec.answers_number:
+        if decoder == "median":
             records = _median_prediction_records(batch, session, median_decoder, options.batch_size,
                                                  config.max_new_tokens, bucket)
-        elif mbr_config is not None and spec.answers_number:
+        elif decoder == "mbr":
             records = _mbr_prediction_records(batch, session, mbr_config, options.mbr_samples,
                                               options.batch_size * options.mbr_samples, bucket)
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-from typing import Sequence
+from typing import Hashable, Sequence
 
 from omnimol_jax.data.graphs import round_up
 
@@ -60,3 +60,13 @@ class PromptBuckets:
         if index == len(self.lengths):
             raise ValueError(f"a prompt of {length} tokens is longer than every planned length {self.lengths}")
         return self.lengths[index]
+
+
+def plan_batch_lengths(batch_lengths: Sequence[int], groups: Sequence[Hashable], **plan_options) -> list[int]:
+    """The padded length of each batch, planned apart for each group of batches that share programs (e.g. one
+    decoder: another decoder compiles its own programs anyway, so its batches do not keep a length alive)."""
+    if len(batch_lengths) != len(groups):
+        raise ValueError(f"{len(batch_lengths)} batch lengths but {len(groups)} groups")
+    plans = {group: PromptBuckets.plan([n for n, g in zip(batch_lengths, groups) if g == group], **plan_options)
+             for group in set(groups)}
+    return [plans[group].bucket_for(n) for n, group in zip(batch_lengths, groups)]

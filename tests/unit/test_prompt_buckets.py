@@ -1,7 +1,7 @@
 """Planned prompt lengths: top-anchored halving, sparse lengths merged into the next longer one."""
 import pytest
 
-from omnimol_jax.inference.prompt_buckets import PromptBuckets
+from omnimol_jax.inference.prompt_buckets import PromptBuckets, plan_batch_lengths
 
 
 def test_the_longest_batch_sets_the_top_length_rounded_to_the_multiple():
@@ -37,3 +37,17 @@ def test_bad_plans_and_lengths_are_refused():
         PromptBuckets.plan([0])
     with pytest.raises(ValueError, match="longer than every planned length"):
         PromptBuckets.plan([100], min_batches=1).bucket_for(129)
+
+
+def test_each_group_plans_apart():
+    # the demo's eval: greedy generation 13 batches within 192 and 6 longer; the number-median decoder 7 and 8.
+    # Together both lengths would stay for both decoders (4 programs); apart, with 8 batches needed to keep a
+    # length, the decoder with 7 short batches pads them to 320 (3 programs).
+    lengths = [180] * 13 + [300] * 6 + [180] * 7 + [300] * 8
+    groups = ["generate"] * 19 + ["median"] * 15
+    planned = plan_batch_lengths(lengths, groups, min_batches=8)
+    assert planned == [192] * 13 + [320] * 6 + [320] * 15
+    assert sorted({(g, n) for g, n in zip(groups, planned)}) == [("generate", 192), ("generate", 320),
+                                                                 ("median", 320)]
+    with pytest.raises(ValueError, match="2 batch lengths but 1 groups"):
+        plan_batch_lengths([1, 2], ["a"])
