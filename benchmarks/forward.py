@@ -21,16 +21,14 @@ import numpy as np
 import torch
 from flax import nnx
 from hf_reference import torch_twin
-from machine import describe_machine, pin_threads  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import (  # benchmarks/machine.py (the script folder is on sys.path)
+    describe_machine,
+    interleaved,
+    pin_threads,
+)
 
 from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.model.llama import LlamaForCausalLM, count_parameters
-
-
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -58,12 +56,11 @@ def main() -> None:
 
     twin = torch_twin(config, model, args.torch_attention)
     ids_t = torch.from_numpy(ids.astype(np.int64))
-    jax_times, torch_times = [], []
     with torch.inference_mode():
         torch_logits = twin(input_ids=ids_t).logits.numpy()
-        for _ in range(args.iters):  # interleaved
-            jax_times.append(seconds(lambda: compiled(state, ids).block_until_ready()))
-            torch_times.append(seconds(lambda: twin(input_ids=ids_t)))
+        times = interleaved({"jax": lambda: compiled(state, ids).block_until_ready(),
+                             "torch": lambda: twin(input_ids=ids_t)}, args.iters)
+    jax_times, torch_times = times["jax"], times["torch"]
 
     jax_tps = tokens / min(jax_times)
     torch_tps = tokens / min(torch_times)

@@ -30,7 +30,11 @@ import numpy as np
 import torch
 from flax import nnx
 from hf_reference import torch_twin
-from machine import describe_machine, pin_threads  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import (  # benchmarks/machine.py (the script folder is on sys.path)
+    describe_machine,
+    interleaved,
+    pin_threads,
+)
 
 from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.inference import GenerationConfig, Generator
@@ -77,16 +81,9 @@ def run_batch(generator, twin, config, batch: int, prompt_len: int, new_tokens: 
     start = time.perf_counter()
     out = run_jax()  # compiles
     compile_and_first_s = time.perf_counter() - start
-    run_torch()  # warm-up
-    # Interleaved, so that both see the same background load on a shared machine.
-    jax_times, torch_times = [], []
-    for _ in range(iters):
-        start = time.perf_counter()
-        out = run_jax()
-        jax_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        torch_out = run_torch()
-        torch_times.append(time.perf_counter() - start)
+    torch_out = run_torch()  # warm-up; greedy, so every later run gives these ids again
+    times = interleaved({"jax": run_jax, "torch": run_torch}, iters)
+    jax_times, torch_times = times["jax"], times["torch"]
     jax_ids = out.tokens[:, 0]
     torch_ids = torch_out[:, prompt_len:].numpy()
 

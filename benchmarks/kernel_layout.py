@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import describe_machine, interleaved  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.config import model_config_from_preset
 from omnimol_jax.inference.decoding import forward_last
@@ -75,18 +74,12 @@ def main() -> None:
         runs[name] = {"forward": lambda s=state, f=forward: f(s, ids).block_until_ready(),
                       "decode_step": lambda s=state, f=step: f(s, tokens, cache).block_until_ready()}
         runs[name]["decode_step"]()
-    times = {(n, k): [] for n in runs for k in ("forward", "decode_step")}
-    for _ in range(args.iters):  # interleaved
-        for name, fns in runs.items():
-            for kind, fn in fns.items():
-                start = time.perf_counter()
-                fn()
-                times[(name, kind)].append(time.perf_counter() - start)
+    times = interleaved({f"{name}/{kind}": fn for name, fns in runs.items() for kind, fn in fns.items()}, args.iters)
     print(json.dumps({
         "benchmark": "kernel_layout", "preset": args.preset, "iters": args.iters,
         "max_logit_diff": float(np.abs(logits["in_out"] - logits["out_in"]).max()),
-        "results": {f"{n}/{k}": {"min_ms": round(min(v) * 1e3, 1), "median_ms": round(statistics.median(v) * 1e3, 1)}
-                    for (n, k), v in times.items()},
+        "results": {name: {"min_ms": round(min(v) * 1e3, 1), "median_ms": round(statistics.median(v) * 1e3, 1)}
+                    for name, v in times.items()},
         "machine": describe_machine(),
     }, indent=2))
 

@@ -1,10 +1,13 @@
-"""The `machine` block every benchmark prints (what ran the numbers; libraries already imported only), and
-`pin_threads`, which puts both frameworks of a comparison on the same cores."""
+"""The `machine` block every benchmark prints (what ran the numbers; libraries already imported only),
+`pin_threads`, which puts both frameworks of a comparison on the same cores, and `interleaved`, which times them
+taking turns."""
 from __future__ import annotations
 
 import os
 import platform
 import sys
+import time
+from typing import Any, Callable
 
 
 def describe_machine(**extra) -> dict:
@@ -31,3 +34,19 @@ def pin_threads(threads: int) -> str:
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(threads)
     return f"pinned to {threads} core(s)"
+
+
+def interleaved(runs: dict[str, Callable[[], Any]], iters: int, loops: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each run over `iters` rounds in which the runs take turns, so that all of them see the
+    same background load of a shared machine; a round's time is the mean of `loops` calls. A jax result returned
+    by a run is waited for after its round's last call (so jax may queue the calls of a round, as a loop would)."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(iters):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(loops):
+                out = run()
+            if hasattr(out, "block_until_ready"):
+                out.block_until_ready()
+            times[name].append((time.perf_counter() - start) / loops)
+    return times

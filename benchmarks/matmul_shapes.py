@@ -13,27 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from machine import describe_machine, pin_threads  # benchmarks/machine.py (the script folder is on sys.path)
+from machine import (  # benchmarks/machine.py (the script folder is on sys.path)
+    describe_machine,
+    interleaved,
+    pin_threads,
+)
 
 from omnimol_jax.config import model_config_from_preset
-
-
-def best_seconds(fn, loops: int, iters: int) -> float:
-    best = float("inf")
-    for _ in range(iters):
-        start = time.perf_counter()
-        for _ in range(loops):
-            out = fn()
-        if hasattr(out, "block_until_ready"):
-            out.block_until_ready()
-        best = min(best, (time.perf_counter() - start) / loops)
-    return best
 
 
 def main() -> None:
@@ -64,11 +55,9 @@ def main() -> None:
             loops = max(3, int(1e9 / flops))
             with torch.inference_mode():
                 torch.nn.functional.linear(tx, tw)
-                jax_s, jax_t_s, torch_s = [], [], []
-                for _ in range(args.iters):  # interleaved: both see the same background load
-                    jax_s.append(best_seconds(lambda: matmul(jx, jw_in_out), loops, 1))
-                    jax_t_s.append(best_seconds(lambda: linear(jx, jw), loops, 1))
-                    torch_s.append(best_seconds(lambda: torch.nn.functional.linear(tx, tw), loops, 1))
+                times = interleaved({"in_out": lambda: matmul(jx, jw_in_out), "out_in": lambda: linear(jx, jw),
+                                     "torch": lambda: torch.nn.functional.linear(tx, tw)}, args.iters, loops)
+            jax_s, jax_t_s, torch_s = times["in_out"], times["out_in"], times["torch"]
             results.append({"rows": rows, "weight": name, "shape": [rows, k, n],
                             "jax_gflop_per_s": round(flops / min(jax_s) / 1e9, 1),
                             "jax_out_in_gflop_per_s": round(flops / min(jax_t_s) / 1e9, 1),

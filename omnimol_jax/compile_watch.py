@@ -15,25 +15,29 @@ from typing import Optional
 import jax
 
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-TRACE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration")
+TRACE_EVENT = "/jax/core/compile/jaxpr_trace_duration"
+LOWER_EVENT = "/jax/core/compile/jaxpr_to_mlir_module_duration"
 
 
 @dataclasses.dataclass
 class CompileWatch:
     """Counts backend compiles, and times them with their tracing and lowering, between `start()` and `stop()`
-    (usable as a context manager)."""
+    (usable as a context manager). `traces` counts programs traced: every program jit did not already hold, whether
+    XLA then compiled it or the persistent cache had it (so a test of "no new program" holds on a warm cache too)."""
 
     compiles: int = 0
+    traces: int = 0
     compile_s: float = 0.0  # trace + lower + XLA compile
     wall_s: float = 0.0
     _started: Optional[float] = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     def _listener(self, event: str, duration: float, **_) -> None:
-        if self._started is None or (event != BACKEND_COMPILE_EVENT and event not in TRACE_EVENTS):
+        if self._started is None or event not in (BACKEND_COMPILE_EVENT, TRACE_EVENT, LOWER_EVENT):
             return
         with self._lock:
             self.compiles += event == BACKEND_COMPILE_EVENT
+            self.traces += event == TRACE_EVENT
             self.compile_s += duration
 
     def start(self) -> "CompileWatch":

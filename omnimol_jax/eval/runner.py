@@ -287,18 +287,21 @@ def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, se
 
     Every batch's padded prompt length is planned first, for each decoder apart (prompt_buckets.py): one compile
     per (decoder, planned length), instead of one per power of two that some batch happens to need."""
-    def decoder_of(key: str) -> str:
-        if tasks.get_task(key).answers_number and median_decoder is not None:
+    def decoder_of(key: str) -> str:  # batches of one decoder share programs (constrained decoding is another)
+        spec = tasks.get_task(key)
+        if spec.answers_number and median_decoder is not None:
             return "median"
-        return "mbr" if tasks.get_task(key).answers_number and mbr_config is not None else "generate"
+        if spec.answers_number and mbr_config is not None:
+            return "mbr"
+        return "constrained" if wants_constraint and spec.output_type == tasks.OUTPUT_SELFIES else "generate"
 
+    decoders = {key: decoder_of(key) for key in pending}
     batches = [(key, batch) for key, examples in pending.items() for batch in _batches(examples, options.batch_size)]
     buckets = plan_batch_lengths([max(len(e.input_ids) for e in batch) for _, batch in batches],
-                                 [decoder_of(key) for key, _ in batches],
+                                 [decoders[key] for key, _ in batches],
                                  min_length=session.generator.min_prompt_bucket, min_batches=PLAN_MIN_BATCHES)
     for (key, batch), bucket in zip(batches, buckets):
-        spec = tasks.get_task(key)
-        decoder = decoder_of(key)
+        decoder = decoders[key]
         bar.set_postfix_str(key)
         if decoder == "median":
             records = _median_prediction_records(batch, session, median_decoder, options.batch_size,
@@ -309,7 +312,7 @@ def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, se
         else:
             out = session.generator.generate(
                 [e.input_ids for e in batch], config, [e.graph for e in batch],
-                constrained=wants_constraint and spec.output_type == tasks.OUTPUT_SELFIES, rows=options.batch_size,
+                constrained=decoder == "constrained", rows=options.batch_size,
                 row_seeds=[record_seed(config.seed, e.record_id) for e in batch],
                 record_ids=[e.record_id for e in batch], bucket=bucket)
             records = _prediction_records(batch, out, session, config.num_beams)

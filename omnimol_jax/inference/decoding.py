@@ -2,8 +2,9 @@
 beam search, stop tokens, graph splice on the prompt, optional SELFIES-constrained decoding.
 
 Shapes are static so one compilation serves many batches:
-- prompts are LEFT-padded to a length bucket (a power of two, at least `min_prompt_bucket`), so the last
-  prompt position is real for every row and the first new token comes from the prefill's last logits;
+- prompts are LEFT-padded to a length bucket (the caller's, e.g. one planned for a whole eval by
+  prompt_buckets.py; else a power of two, at least `min_prompt_bucket`), so the last prompt position is real for
+  every row and the first new token comes from the prefill's last logits;
 - the batch is padded to a fixed row count with dummy rows (their outputs are dropped);
 - the graph batch is padded to a budget set by rows x bucket (one node and two edges per token slot), and a
   batch without molecules gets an empty one, so one program serves every batch of a prompt shape;

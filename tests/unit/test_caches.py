@@ -43,7 +43,7 @@ def test_the_compile_watch_counts_compiles_and_their_trace_time_only_while_start
         double(np.ones(3, np.float32))
         double(np.ones(5, np.float32))  # a new shape: a new program
         double(np.ones(5, np.float32))  # the same: no compile
-    assert watch.compiles == 2 and 0 < watch.compile_s <= watch.wall_s
+    assert watch.compiles == 2 and watch.traces == 2 and 0 < watch.compile_s <= watch.wall_s
     double(np.ones(7, np.float32))  # after stop: not counted
-    assert watch.compiles == 2
+    assert watch.compiles == 2 and watch.traces == 2
     assert watch.summary().startswith("2 program(s) compiled; tracing, lowering and compiling took ")

@@ -135,7 +135,10 @@ def test_text_and_molecule_batches_of_one_shape_share_a_program(omnimol, generat
     with CompileWatch() as watch:
         generator.generate(text_prompts, config, None, rows=5)
         generator.generate(prompts, config, graphs, rows=5)
-    assert watch.compiles == 0
+    assert watch.traces == 0  # not even traced: no new program, whatever the persistent cache holds
+    with CompileWatch() as watch:  # the watch does see a new shape (so the zero above means something)
+        generator.generate(text_prompts, config, None, rows=6)
+    assert watch.traces >= 1
 
 
 def test_a_longer_prompt_bucket_gives_the_same_answers(generator, mixed_batch):
