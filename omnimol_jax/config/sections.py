@@ -145,10 +145,13 @@ class ModelConfig:
     # recipe's remat policy it needs 1.5x the memory on TPU (README). Decoding with a KV cache runs unrolled.
     scan_layers: bool = False
     # blockwise (default): einsum attention attention_block queries at a time over the keys up to the block's end
-    # (causally masked key blocks skipped), each block's scores rematerialised; decoding with a cache uses einsum.
-    # einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention with the dense mask, which in
-    # jax 0.10-0.12 runs XLA's implementation on every platform (cuDNN needs implementation='cudnn'; README).
-    attention_impl: Literal["blockwise", "einsum", "jax"] = "blockwise"
+    # (causally masked key blocks skipped), each block's scores rematerialised.
+    # block_sparse: flash-style tiles of attention_block x attention_block, computed only where a row's mask has an
+    # unmasked entry (causal, segment and padding tiles skipped per row, forward and backward); rows run one after
+    # another on each device. einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention with
+    # the dense mask, which in jax 0.10-0.12 runs XLA's implementation on every platform (README).
+    # Training and a one-chunk prefill use the chosen kernel; decoding steps over the cache use einsum (or jax).
+    attention_impl: Literal["blockwise", "block_sparse", "einsum", "jax"] = "blockwise"
     attention_block: int = 128
     bos_token_id: Optional[int] = 128000
     eos_token_id: Optional[int] = 128009

@@ -188,18 +188,21 @@ def build_prompt_batch(prompts: Sequence[Sequence[int]], graphs: Optional[Sequen
 
 
 def forward_last(model: nnx.Module, input_ids: jax.Array, attention_mask: jax.Array, cache: KVCache,
-             graphs: Optional[GraphBatch]):
+                 graphs: Optional[GraphBatch], fresh_cache: bool = False):
     """Logits of the last position [B, V] (fp32) and the new cache; OmniMolModel or a bare LlamaForCausalLM.
 
     The output head is applied to the last position only (the model's full-sequence logits are unused, so XLA
-    drops them): a prefill of B x P tokens never materialises B x P x vocab logits.
+    drops them): a prefill of B x P tokens never materialises B x P x vocab logits. fresh_cache: `cache` is empty
+    and this is the whole prefill (attention over the prompt's keys only; LlamaForCausalLM.__call__).
     """
     if isinstance(model, OmniMolModel):
-        out = model(input_ids, graphs, attention_mask=attention_mask, cache=cache, return_hidden_states=True)
+        out = model(input_ids, graphs, attention_mask=attention_mask, cache=cache, return_hidden_states=True,
+                    fresh_cache=fresh_cache)
     else:
         if graphs is not None:
             raise GenerationError("graphs given, but the model has no graph tower")
-        out = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden_states=True)
+        out = model(input_ids, attention_mask=attention_mask, cache=cache, return_hidden_states=True,
+                    fresh_cache=fresh_cache)
     logits = language_model(model).lm_logits(out.hidden_states[:, -1:])
     return logits[:, 0].astype(jnp.float32), out.cache
 
@@ -267,7 +270,7 @@ def _generate_impl(graphdef, static: _Static, state, input_ids, attention_mask, 
     rows, prompt_len = input_ids.shape
     steps = static.max_new_tokens
     cache = init_kv_cache(config, rows, prompt_len + steps)
-    logits, cache = forward_last(model, input_ids, attention_mask, cache, graphs)
+    logits, cache = forward_last(model, input_ids, attention_mask, cache, graphs, fresh_cache=True)
     if static.mode == "beam":
         return _beam_search(model, static, logits, cache, stop_ids, tables)
     return _sample_loop(model, static, logits, cache, row_seeds, seed, temperature, top_p, stop_ids, tables)

@@ -197,7 +197,7 @@ def _prefill(graphdef, slots: int, cache_length: int, state, input_ids, attentio
              digit_mask):
     model = nnx.merge(graphdef, state)
     cache = init_kv_cache(language_config(model), input_ids.shape[0], cache_length)
-    logits, cache = forward_last(model, input_ids, attention_mask, cache, graphs)
+    logits, cache = forward_last(model, input_ids, attention_mask, cache, graphs, fresh_cache=True)
     return _summarise(logits, table_ids, digit_mask), tile_cache(cache, slots)
 
 

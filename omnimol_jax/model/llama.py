@@ -21,12 +21,13 @@ from jax.ad_checkpoint import checkpoint_name
 
 from omnimol_jax import loops
 from omnimol_jax.config import ModelConfig
+from omnimol_jax.model import attention
 from omnimol_jax.model.dtypes import dtype_of
 from omnimol_jax.model.kv_cache import CACHE_AXES, KVCache
 from omnimol_jax.model.layer_scan import Segment, run_segment, scan_plan
 from omnimol_jax.model.lora import LoRA, fold_rng
 from omnimol_jax.model.moge import MoGEFeedForward
-from omnimol_jax.sharding import constrain
+from omnimol_jax.sharding import constrain, per_shard
 
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "full": None,  # save nothing but the layer inputs
@@ -172,8 +173,10 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array, key_valid: jax.Array,
                  segment_ids: Optional[jax.Array], layer_cache: Optional[tuple[jax.Array, jax.Array]],
-                 cache_index: Optional[jax.Array], rng: Optional[jax.Array] = None
+                 cache_index: Optional[jax.Array], rng: Optional[jax.Array] = None, fresh_cache: bool = False
                  ) -> tuple[jax.Array, Optional[tuple[jax.Array, jax.Array]]]:
+        """fresh_cache (static): the cache is empty and this call fills it from slot 0 (a one-chunk prefill), so
+        the queries attend to this call's keys only, with the configured kernel, instead of every cache slot."""
         cfg = self.config
         heads = ("activation_batch", "activation_length", "activation_heads", "activation_head_dim")
         kv_heads = ("activation_batch", "activation_length", "activation_kv_heads", "activation_head_dim")
@@ -182,61 +185,44 @@ class Attention(nnx.Module):
         v = constrain(project(self, "v_proj", x, rng), kv_heads)
         seq_len = x.shape[1]
 
+        new_cache = None
         if layer_cache is not None:
             cache_k, cache_v = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-            k, v = constrain(k, CACHE_AXES), constrain(v, CACHE_AXES)
-            new_cache = (k, v)
+            new_cache = tuple(constrain(jax.lax.dynamic_update_slice(c, t.astype(c.dtype), (0, cache_index, 0, 0)),
+                                        CACHE_AXES) for c, t in ((cache_k, k), (cache_v, v)))
+
+        if layer_cache is None or fresh_cache:
+            # Query and key slots coincide: mask[b, q, t] is causal, real keys only, and (packing) same segment.
+            slots = jnp.arange(seq_len)
+            mask = (slots[None, :] <= slots[:, None])[None] & key_valid[:, None, :seq_len]
+            if segment_ids is not None:
+                mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+            out = self._attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)
+        else:
+            # Decoding: every valid cache slot at or before each query's own slot.
+            keys, values = new_cache
             query_slots = cache_index + jnp.arange(seq_len)
-            key_slots = jnp.arange(k.shape[1])
-        else:
-            new_cache = None
-            query_slots = key_slots = jnp.arange(seq_len)
-
-        # mask[b, q, t]: causal in slot order, real keys only, and (packing) same segment.
-        mask = (key_slots[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
-        if segment_ids is not None:
-            mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-
-        if cfg.attention_impl == "jax":
-            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None],
-                                               scale=cfg.head_dim ** -0.5)
-        elif cfg.attention_impl == "blockwise" and layer_cache is None:
-            out = self._causal_blockwise_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
-        else:
-            out = self._einsum_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask)
+            mask = (jnp.arange(keys.shape[1])[None, :] <= query_slots[:, None])[None] & key_valid[:, None, :]
+            out = self._attend(q, keys.astype(q.dtype), values.astype(q.dtype), mask,
+                               "jax" if cfg.attention_impl == "jax" else "einsum")
         out = checkpoint_name(constrain(out, heads), "attention_out")
         return project(self, "o_proj", out, rng), new_cache
 
-    def _causal_blockwise_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        """Attention one block of `attention_block` queries at a time, over the keys up to that block's end only.
-
-        Without a cache, query and key slots coincide, so every key after a block's last query is causally masked:
-        those blocks are skipped outright (with n blocks, n(n+1)/2 of the n^2 score blocks are computed). Each
-        block is rematerialised, so the [queries, keys] scores exist one block at a time, in the forward and the
-        backward pass. Per query row the softmax runs over the same unmasked keys as the full einsum attention.
-        """
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
         block = self.config.attention_block
-        seq_len = q.shape[1]
-        if seq_len <= block:
-            return self._einsum_attention(q, k, v, mask)
-        attend = jax.checkpoint(self._einsum_attention)
-        outputs = []
-        for start in range(0, seq_len, block):  # the last block may be shorter
-            end = min(start + block, seq_len)
-            outputs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end]))
-        return jnp.concatenate(outputs, axis=1)
-
-    def _einsum_attention(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-        cfg = self.config
-        b, s, _, hd = q.shape
-        grouped = q.reshape(b, s, cfg.num_kv_heads, cfg.num_query_groups, hd)
-        scores = jnp.einsum("bskgd,btkd->bkgst", grouped, k).astype(jnp.float32) * (hd ** -0.5)
-        scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-        return out.reshape(b, s, cfg.num_heads, hd)
+        if impl == "jax":
+            return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=self.config.head_dim ** -0.5)
+        if impl == "blockwise":
+            return attention.causal_blockwise_attention(q, k, v, mask, block)
+        if impl == "block_sparse":
+            # Which tiles are live differs per row, so each device runs its own rows (XLA must not partition the
+            # per-row lax.cond into selects over the whole batch).
+            batch_heads = ("activation_batch", None, "activation_heads", None)
+            batch_kv = ("activation_batch", None, "activation_kv_heads", None)
+            return per_shard(lambda q, k, v, m: attention.block_sparse_attention(q, k, v, m, block),
+                             (q, k, v, mask), (batch_heads, batch_kv, batch_kv, ("activation_batch", None, None)),
+                             batch_heads)
+        return attention.einsum_attention(q, k, v, mask)
 
 
 class MLP(nnx.Module):
@@ -272,10 +258,10 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, inputs: "LayerInputs", layer_cache, rng=None):
+    def __call__(self, x, inputs: "LayerInputs", layer_cache, rng=None, fresh_cache: bool = False):
         attn_out, new_cache = self.self_attn(self.input_layernorm(x), inputs.positions, inputs.inv_freq,
                                              inputs.key_valid, inputs.segment_ids, layer_cache, inputs.cache_index,
-                                             fold_rng(rng, 0))
+                                             fold_rng(rng, 0), fresh_cache)
         x = constrain(x + attn_out, BATCH_LENGTH_EMBED)
         h = self.post_attention_layernorm(x)
         if self.is_moe:
@@ -367,7 +353,8 @@ class LlamaForCausalLM(nnx.Module):
     def __call__(self, input_ids: Optional[jax.Array] = None, *, inputs_embeds: Optional[jax.Array] = None,
                  positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
-                 return_hidden_states: bool = False, dropout_rng: Optional[jax.Array] = None) -> CausalLMOutput:
+                 return_hidden_states: bool = False, dropout_rng: Optional[jax.Array] = None,
+                 fresh_cache: bool = False) -> CausalLMOutput:
         """Logits [B, S, vocab] for tokens (or precomputed embeddings, e.g. with spliced graph tokens).
 
         attention_mask [B, S]: 1 for real tokens (default all ones). positions [B, S]: default is the count
@@ -375,6 +362,8 @@ class LlamaForCausalLM(nnx.Module):
         cache. segment_ids [B, S] (packed sequences; not with a cache): tokens attend only within their
         segment; pass positions too, restarting at 0 per segment.
         dropout_rng: enables LoRA dropout (training); None is deterministic.
+        fresh_cache (static): `cache` is empty (index 0) and this call is the whole prefill, so attention runs over
+        the prompt's own keys with the configured kernel (skipping masked blocks) instead of every cache slot.
         """
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -386,6 +375,8 @@ class LlamaForCausalLM(nnx.Module):
                 else attention_mask.astype(jnp.bool_))
         if cache is not None and segment_ids is not None:
             raise ValueError("segment_ids (packing) are for training; decoding with a cache takes attention_mask")
+        if fresh_cache and cache is None:
+            raise ValueError("fresh_cache=True needs the (empty) cache the prefill fills")
         if positions is None:
             offset = cache.num_valid[:, None] if cache is not None else 0
             positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
@@ -408,7 +399,8 @@ class LlamaForCausalLM(nnx.Module):
             layer_fn = _decoder_layer_call if cfg.remat_policy == "none" else _rematerialized(cfg.remat_policy)
             for i in range(segment.start, segment.stop):
                 layer_cache = (cache.keys[i], cache.values[i]) if cache is not None else None
-                x, updated, aux = layer_fn(self.layers[i], x, inputs, layer_cache, fold_rng(dropout_rng, i))
+                x, updated, aux = layer_fn(self.layers[i], x, inputs, layer_cache, fold_rng(dropout_rng, i),
+                                           fresh_cache)
                 if updated is not None:
                     new_keys.append(updated[0])
                     new_values.append(updated[1])
@@ -427,8 +419,8 @@ class LlamaForCausalLM(nnx.Module):
                               aux=stacked_aux)
 
 
-def _decoder_layer_call(layer, x, inputs: LayerInputs, layer_cache, rng):
-    return layer(x, inputs, layer_cache, rng)
+def _decoder_layer_call(layer, x, inputs: LayerInputs, layer_cache, rng, fresh_cache: bool = False):
+    return layer(x, inputs, layer_cache, rng, fresh_cache)
 
 
 def _scan_checkpoint(policy: str):
@@ -448,11 +440,11 @@ def _rematerialized(policy: str):
     """
     checkpoint_policy = REMAT_POLICIES[policy]
 
-    def call(layer, x, inputs: LayerInputs, layer_cache, rng):
+    def call(layer, x, inputs: LayerInputs, layer_cache, rng, fresh_cache: bool = False):
         graphdef, state = nnx.split(layer)
 
-        def pure(state, x, inputs, layer_cache, rng):
-            return nnx.merge(graphdef, state)(x, inputs, layer_cache, rng)
+        def pure(state, x, inputs, layer_cache, rng):  # fresh_cache stays a Python bool (static)
+            return nnx.merge(graphdef, state)(x, inputs, layer_cache, rng, fresh_cache)
 
         return jax.checkpoint(pure, policy=checkpoint_policy, prevent_cse=True)(state, x, inputs, layer_cache, rng)
 

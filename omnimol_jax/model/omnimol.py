@@ -54,12 +54,12 @@ class OmniMolModel(nnx.Module):
                  positions: Optional[jax.Array] = None, attention_mask: Optional[jax.Array] = None,
                  segment_ids: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
                  return_hidden_states: bool = False, validate_graph_slots: bool = False,
-                 dropout_rng: Optional[jax.Array] = None) -> CausalLMOutput:
+                 dropout_rng: Optional[jax.Array] = None, fresh_cache: bool = False) -> CausalLMOutput:
         """See LlamaForCausalLM.__call__; `graphs` fills the graph-token slots of `input_ids`."""
         inputs_embeds = self.embed_inputs(input_ids, graphs, validate_graph_slots=validate_graph_slots)
         return self.language_model(inputs_embeds=inputs_embeds, positions=positions, attention_mask=attention_mask,
                                    segment_ids=segment_ids, cache=cache, return_hidden_states=return_hidden_states,
-                                   dropout_rng=dropout_rng)
+                                   dropout_rng=dropout_rng, fresh_cache=fresh_cache)
 
 
 def variable_counts(model_config: ModelConfig, graph_config: GraphConfig) -> dict[str, int]:

@@ -1,4 +1,6 @@
 """KV-cache decoding reproduces the full forward's logits."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,3 +56,36 @@ def test_cache_really_carries_context(model):
     with_context, _ = _step(model, cache, ids[:, 8:], ones[:, 8:])
     alone, _ = _step(model, init_kv_cache(CONFIG, 1, 16), ids[:, 8:], ones[:, 8:])
     assert np.abs(np.asarray(with_context) - np.asarray(alone)).max() > 1e-3
+
+
+@pytest.mark.parametrize("impl,block", [("einsum", 128), ("blockwise", 4), ("block_sparse", 4), ("block_sparse", 5)])
+def test_fresh_cache_prefill_equals_prefill_over_every_slot(impl, block):
+    """fresh_cache=True (a one-chunk prefill into an empty cache) attends over the prompt's own keys with the
+    configured kernel, skipping masked blocks: the logits, the cache and what decodes after it are those of the
+    prefill over every cache slot."""
+    import dataclasses
+
+    config = dataclasses.replace(CONFIG, attention_impl=impl, attention_block=block)
+    model = LlamaForCausalLM(config, rngs=nnx.Rngs(11))
+    rng = np.random.default_rng(6)
+    ids = rng.integers(3, config.vocab_size, (3, 13)).astype(np.int32)
+    left_pad = np.array([0, 5, 12])  # the last row has one real token
+    mask = (np.arange(13)[None] >= left_pad[:, None]).astype(np.int32)
+    nxt = jnp.asarray(rng.integers(3, config.vocab_size, (3, 1)), jnp.int32)
+
+    @functools.partial(jax.jit, static_argnums=3)
+    def prefill_then_step(model, ids, mask, fresh):
+        out = model(ids, attention_mask=mask, cache=init_kv_cache(config, 3, 20), fresh_cache=fresh)
+        step = model(nxt, attention_mask=jnp.ones((3, 1), jnp.int32), cache=out.cache)
+        return out.logits, out.cache, step.logits
+
+    logits_a, cache_a, step_a = prefill_then_step(model, jnp.asarray(ids), jnp.asarray(mask), True)
+    logits_b, cache_b, step_b = prefill_then_step(model, jnp.asarray(ids), jnp.asarray(mask), False)
+    valid = mask.astype(bool)
+    assert np.abs(np.asarray(logits_a)[valid] - np.asarray(logits_b)[valid]).max() <= 1e-5
+    np.testing.assert_array_equal(np.asarray(cache_a.valid), np.asarray(cache_b.valid))
+    for a, b in zip(cache_a.keys + cache_a.values, cache_b.keys + cache_b.values):  # real slots only
+        assert np.abs(np.asarray(a)[:, :13][valid] - np.asarray(b)[:, :13][valid]).max() <= 1e-5
+    assert np.abs(np.asarray(step_a) - np.asarray(step_b)).max() <= 1e-5
+    with pytest.raises(ValueError, match="fresh_cache"):
+        model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), fresh_cache=True)
