@@ -98,6 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list):
+        # argparse ends a `key=value ...` positional at the first flag; overrides after a flag
+        # (`omnimol train --config C --no-progress train.max_steps=8`) are overrides all the same.
+        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
     if extra:
         # A flag that looks like a config key (`--init.hf X`) gets the one override syntax spelled out.
         dotted = next((flag for flag in extra if flag.startswith("--") and "." in flag.split("=")[0]), None)

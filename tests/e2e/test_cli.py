@@ -64,3 +64,11 @@ def test_a_flag_spelled_config_key_is_told_the_key_value_syntax(capsys):
         main(["train", "--config", "configs/demo.yaml", "--init.hf", "/models/llama"])
     assert info.value.code == 2
     assert "config overrides are key=value, e.g. init.hf=VALUE" in capsys.readouterr().err
+
+
+def test_overrides_after_a_flag_are_still_overrides(capsys):
+    """argparse ends the key=value positional at the first flag; the CLI takes later key=values as overrides too
+    (here one the config rejects, so nothing runs)."""
+    assert main(["train", "--config", "configs/demo.yaml", "--no-progress", "train.max_steps=0"]) != 0
+    err = capsys.readouterr().err
+    assert "train.max_steps" in err and "unrecognized" not in err
