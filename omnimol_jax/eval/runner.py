@@ -219,6 +219,16 @@ def topk_exact_match(records: Sequence[dict], protocol: str, beams: int) -> dict
     return {f"top{k}_exact_match": hits[k] / len(records) for k in ks} if records else {}
 
 
+def stopped_share(records: Sequence[dict], tokenize_fn) -> dict[str, float]:
+    """`stopped_2x`: share of records whose answer ended with a stop token within twice the reference's length in
+    tokens (plus the stop token): a molecule answer that runs on past that is no answer, whatever its score."""
+    if not records or not all("num_tokens" in r and "finished" in r for r in records):
+        return {}
+    stopped = sum(bool(r["finished"]) and int(r["num_tokens"]) <= 2 * len(tokenize_fn(str(r["reference"]))) + 1
+                  for r in records)
+    return {"stopped_2x": stopped / len(records)}
+
+
 def evaluate_predictions(store, task_ids: dict[str, list[str]], protocols: Sequence[str], tokenize_fn,
                          beams: int) -> dict:
     """{task: {protocol: metrics}} from stored predictions (tasks with no prediction are left out)."""
@@ -229,9 +239,11 @@ def evaluate_predictions(store, task_ids: dict[str, list[str]], protocols: Seque
             continue
         records = store.for_task(task, order=present)
         metrics = compute_metrics_from_records(task, records, protocols, tokenize_fn=tokenize_fn)
-        if beams > 1 and get_task(task).metric_set == "molecule":
+        if get_task(task).metric_set == "molecule":
             for protocol in protocols:
-                metrics[protocol].update(topk_exact_match(records, protocol, beams))
+                metrics[protocol].update(stopped_share(records, tokenize_fn))
+                if beams > 1:
+                    metrics[protocol].update(topk_exact_match(records, protocol, beams))
         results[task] = metrics
     return results
 

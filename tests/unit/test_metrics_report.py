@@ -98,3 +98,18 @@ def test_records_with_groups_and_instructions(tmp_path):
     assert math.isnan(metrics["strict"]["mae_gap"])
     with pytest.raises(KeyError, match="'h9' has no 'reference'"):
         compute_metrics_from_records("logp", [{"id": "h9", "prediction": "1"}])
+
+
+def test_stopped_share_counts_answers_that_stop_within_twice_the_reference():
+    from omnimol_jax.eval.runner import stopped_share
+
+    def pieces(text):  # SELFIES symbols, as the tokenizer's added tokens split them
+        return [p + "]" for p in text.split("]") if p]
+
+    ref = "[C][C][O]"  # 3 tokens: an answer may take up to 2 * 3 + 1 = 7 tokens with its stop token
+    records = [{"reference": ref, "finished": True, "num_tokens": 4},    # stops in time
+               {"reference": ref, "finished": True, "num_tokens": 7},    # just in time
+               {"reference": ref, "finished": True, "num_tokens": 8},    # stops too late
+               {"reference": ref, "finished": False, "num_tokens": 5}]   # never stopped (cut off)
+    assert stopped_share(records, pieces) == {"stopped_2x": 0.5}
+    assert stopped_share([{"reference": ref, "prediction": ref}], pieces) == {}  # baselines: no lengths
