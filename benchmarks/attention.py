@@ -8,8 +8,9 @@ kernel in omnimol_jax/model/attention.py at the model's shapes (rows, seq_len, h
 causal blockwise kernel and the block-sparse kernel at each --blocks size, with the share of score tiles each one
 computes, and checks that every kernel's output equals the dense one at real queries. Part two times the trainer's
 whole step (loss, gradients, clipping, AdamW; the config's model and recipe) with model.attention_impl=einsum,
-blockwise and block_sparse at each block size, and compares their losses. All contenders are timed interleaved in
-one process (benchmarks/machine.py); min and median are printed in one JSON object.
+blockwise and block_sparse at each block size, and compares their losses. Part three times the generation prefill
+(`prefill` below). All contenders are timed interleaved in one process (benchmarks/machine.py); min and median are
+printed in one JSON object.
 """
 from __future__ import annotations
 
@@ -46,6 +47,40 @@ def summary(times: list[float]) -> dict:
     return {"min_s": round(min(times), 4), "median_s": round(statistics.median(times), 4)}
 
 
+def prefill(model_config, args, blocks: list[int]) -> dict:
+    """The generation prefill (decoding.forward_last into an empty cache of prompt + new-token slots) of left-padded
+    prompts: over every cache slot with the einsum kernel (what it did before fresh_cache), and over the prompt's own
+    keys (fresh_cache) with blockwise and block_sparse. Logits of the last position must agree."""
+    from omnimol_jax.inference.decoding import forward_last
+    from omnimol_jax.model.kv_cache import init_kv_cache
+    from omnimol_jax.model.llama import LlamaForCausalLM
+
+    rows, length, slots = args.prefill_rows, args.prefill_len, args.prefill_len + args.prefill_new
+    rng = np.random.default_rng(1)
+    real = rng.integers(length // 3, length + 1, rows)  # prompt lengths of a bucket, left-padded
+    attention_mask = jnp.asarray(np.arange(length)[None] >= (length - real)[:, None], jnp.int32)
+    ids = jnp.asarray(rng.integers(3, model_config.vocab_size, (rows, length)), jnp.int32)
+    variants = {"every_slot_einsum": ("einsum", model_config.attention_block, False),
+                f"fresh_blockwise_{model_config.attention_block}": ("blockwise", model_config.attention_block, True)}
+    variants.update({f"fresh_block_sparse_{b}": ("block_sparse", b, True) for b in blocks})
+    runs, logits = {}, {}
+    for name, (impl, block, fresh) in variants.items():
+        model = LlamaForCausalLM(dataclasses.replace(model_config, attention_impl=impl, attention_block=block),
+                                 rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        run = jax.jit(lambda s, i, m, g=graphdef, f=fresh: forward_last(
+            nnx.merge(g, s), i, m, init_kv_cache(model_config, rows, slots), None, fresh_cache=f)[0])
+        logits[name] = np.asarray(run(state, ids, attention_mask))
+        runs[name] = lambda run=run, state=state: run(state, ids, attention_mask)
+    times = interleaved(runs, args.iters)
+    base = statistics.median(times["every_slot_einsum"])
+    share = round(float(real.mean() / length), 3)
+    return {"rows": rows, "prompt_len": length, "cache_slots": slots, "real_token_share": share,
+            **{name: {**summary(t), "speedup_vs_every_slot_median": round(base / statistics.median(t), 3),
+                      "max_abs_logit_diff": float(np.abs(logits[name] - logits["every_slot_einsum"]).max())}
+               for name, t in times.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/demo.yaml")
@@ -53,6 +88,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="pin to this many cores (0: all)")
     parser.add_argument("--no-step", action="store_true", help="kernels only, not the whole train step")
+    parser.add_argument("--prefill-rows", type=int, default=32, help="prefill batch (0: skip the prefill part)")
+    parser.add_argument("--prefill-len", type=int, default=256, help="prompt bucket length")
+    parser.add_argument("--prefill-new", type=int, default=512, help="new-token slots in the cache")
     parser.add_argument("overrides", nargs="*", help="config key=value overrides")
     args = parser.parse_args()
     pinned = pin_threads(args.threads)
@@ -135,6 +173,10 @@ def main() -> None:
                                "speedup_vs_blockwise_median": round(base / statistics.median(t), 3)}
                         for name, t in step_times.items()}
 
+    prefill_results = {}
+    if args.prefill_rows:
+        prefill_results = prefill(model_config, args, blocks)
+
     print(json.dumps({
         "benchmark": "attention", "config": args.config, "overrides": args.overrides, "threads": pinned,
         "rows": rows, "seq_len": seq, "heads": model_config.num_heads, "kv_heads": model_config.num_kv_heads,
@@ -142,7 +184,8 @@ def main() -> None:
         "real_token_share": round(float((segment_ids > 0).mean()), 3),
         "samples_per_row": round(float(np.mean([len(set(r[r > 0])) for r in segment_ids])), 2),
         "unmasked_score_share": round(float(mask.mean()), 4),
-        "kernels_forward_backward": kernel_results, "train_step": step_results, "machine": describe_machine(),
+        "kernels_forward_backward": kernel_results, "train_step": step_results, "prefill": prefill_results,
+        "machine": describe_machine(),
     }, indent=2))
 
 
