@@ -81,40 +81,47 @@ def _block_sparse(q, k, v, mask, live, block):
     return _block_sparse_forward(q, k, v, mask, live, block)[0]
 
 
-def _tile_scores(q_tile, k_tile, mask_tile, scale):
-    """q_tile [bq, KV, G, D], k_tile [bk, KV, D] -> masked fp32 scores [KV, G, bq, bk]."""
-    scores = jnp.einsum("skgd,tkd->kgst", q_tile, k_tile).astype(jnp.float32) * scale
-    return jnp.where(mask_tile[None, None], scores, _MASKED)
+def _key_tile(q_tile, k, v, mask_rows, j, block):
+    """Key block j of a row against one query block: (k_tile [bk, KV, D], v_tile, masked fp32 scores
+    [KV, G, bq, bk]) for q_tile [bq, KV, G, D] and the query block's mask rows [bq, S]."""
+    k_tile = jax.lax.dynamic_slice_in_dim(k, j * block, block)
+    v_tile = jax.lax.dynamic_slice_in_dim(v, j * block, block)
+    scores = jnp.einsum("skgd,tkd->kgst", q_tile, k_tile).astype(jnp.float32) * q_tile.shape[-1] ** -0.5
+    mask_tile = jax.lax.dynamic_slice_in_dim(mask_rows, j * block, block, 1)
+    return k_tile, v_tile, jnp.where(mask_tile[None, None], scores, _MASKED)
+
+
+def _walk_live_tiles(update, init, live_row):
+    """carry = update(carry, j) for the key blocks j of one query block whose tile is live (live_row[j]); the
+    others cost a branch, not a tile."""
+    def visit(carry, j):
+        return jax.lax.cond(live_row[j], lambda c: update(c, j), lambda c: c, carry), None
+
+    return jax.lax.scan(visit, init, jnp.arange(live_row.shape[0]))[0]
 
 
 def _row_forward(q, k, v, mask, live, block):
     """One row: q [S, H, D], k/v [S, KV, D], mask [S, S], live [n, n] -> (out [S, H, D], lse [KV, G, S])."""
     s, h, d = q.shape
     kv = k.shape[1]
-    groups, n, scale = h // kv, s // block, d ** -0.5
+    groups, n = h // kv, s // block
     outs, lses = [], []
     for i in range(n):
         q_tile = q[i * block:(i + 1) * block].reshape(block, kv, groups, d)
         mask_rows = mask[i * block:(i + 1) * block]
 
-        def visit(carry, j, q_tile=q_tile, mask_rows=mask_rows, i=i):
-            def update(carry):
-                m, l, acc = carry
-                k_tile = jax.lax.dynamic_slice_in_dim(k, j * block, block)
-                v_tile = jax.lax.dynamic_slice_in_dim(v, j * block, block)
-                scores = _tile_scores(q_tile, k_tile, jax.lax.dynamic_slice_in_dim(mask_rows, j * block, block, 1),
-                                      scale)
-                m_new = jnp.maximum(m, scores.max(axis=-1))
-                probs = jnp.exp(scores - m_new[..., None])
-                rescale = jnp.exp(m - m_new)
-                acc = acc * rescale[..., None] + jnp.einsum("kgst,tkd->kgsd", probs.astype(v.dtype), v_tile)
-                return m_new, l * rescale + probs.sum(axis=-1), acc
-
-            return jax.lax.cond(live[i, j], update, lambda c: c, carry), None
+        def update(carry, j, q_tile=q_tile, mask_rows=mask_rows):  # online softmax over the key blocks
+            m, l, acc = carry
+            _, v_tile, scores = _key_tile(q_tile, k, v, mask_rows, j, block)
+            m_new = jnp.maximum(m, scores.max(axis=-1))
+            probs = jnp.exp(scores - m_new[..., None])
+            rescale = jnp.exp(m - m_new)
+            acc = acc * rescale[..., None] + jnp.einsum("kgst,tkd->kgsd", probs.astype(v.dtype), v_tile)
+            return m_new, l * rescale + probs.sum(axis=-1), acc
 
         init = (jnp.full((kv, groups, block), -jnp.inf, jnp.float32), jnp.zeros((kv, groups, block), jnp.float32),
                 jnp.zeros((kv, groups, block, d), jnp.float32))
-        (m, l, acc), _ = jax.lax.scan(visit, init, jnp.arange(i + 1))
+        m, l, acc = _walk_live_tiles(update, init, live[i, :i + 1])  # keys after the block are causally masked
         l = jnp.where(l == 0, 1.0, l)  # a tile row with no live block: output 0, not 0/0
         outs.append(jnp.transpose(acc / l[..., None], (2, 0, 1, 3)).reshape(block, h, d))
         lses.append(m + jnp.log(l))
@@ -141,35 +148,29 @@ def _row_backward(q, k, v, mask, live, out, lse, d_out, block):
         rows = slice(i * block, (i + 1) * block)
         q_tile = q[rows].reshape(block, kv, groups, d)
         do_tile = d_out[rows].reshape(block, kv, groups, d).astype(jnp.float32)
-        lse_tile, delta_tile, mask_rows = lse[..., rows], delta[..., rows], mask[rows]
 
-        def visit(carry, j, q_tile=q_tile, do_tile=do_tile, lse_tile=lse_tile, delta_tile=delta_tile,
-                  mask_rows=mask_rows, i=i):
-            def update(carry):
-                d_q, d_k, d_v = carry
-                k_tile = jax.lax.dynamic_slice_in_dim(k, j * block, block)
-                v_tile = jax.lax.dynamic_slice_in_dim(v, j * block, block)
-                scores = _tile_scores(q_tile, k_tile, jax.lax.dynamic_slice_in_dim(mask_rows, j * block, block, 1),
-                                      scale)
-                probs = jnp.exp(scores - lse_tile[..., None])                       # [KV, G, bq, bk]
-                d_v_tile = jnp.einsum("kgst,skgd->tkd", probs, do_tile)
-                d_probs = jnp.einsum("skgd,tkd->kgst", do_tile, v_tile.astype(jnp.float32))
-                d_scores = probs * (d_probs - delta_tile[..., None]) * scale
-                d_q = d_q + jnp.einsum("kgst,tkd->skgd", d_scores, k_tile.astype(jnp.float32))
-                d_k_tile = jnp.einsum("kgst,skgd->tkd", d_scores, q_tile.astype(jnp.float32))
-                start = j * block
-                d_k = jax.lax.dynamic_update_slice_in_dim(
-                    d_k, jax.lax.dynamic_slice_in_dim(d_k, start, block) + d_k_tile, start, 0)
-                d_v = jax.lax.dynamic_update_slice_in_dim(
-                    d_v, jax.lax.dynamic_slice_in_dim(d_v, start, block) + d_v_tile, start, 0)
-                return d_q, d_k, d_v
+        def update(carry, j, q_tile=q_tile, do_tile=do_tile, lse_tile=lse[..., rows], delta_tile=delta[..., rows],
+                   mask_rows=mask[rows]):
+            d_q, d_k, d_v = carry
+            k_tile, v_tile, scores = _key_tile(q_tile, k, v, mask_rows, j, block)
+            probs = jnp.exp(scores - lse_tile[..., None])                       # [KV, G, bq, bk]
+            d_probs = jnp.einsum("skgd,tkd->kgst", do_tile, v_tile.astype(jnp.float32))
+            d_scores = probs * (d_probs - delta_tile[..., None]) * scale
+            d_q = d_q + jnp.einsum("kgst,tkd->skgd", d_scores, k_tile.astype(jnp.float32))
+            d_k = _add_at(d_k, jnp.einsum("kgst,skgd->tkd", d_scores, q_tile.astype(jnp.float32)), j * block)
+            d_v = _add_at(d_v, jnp.einsum("kgst,skgd->tkd", probs, do_tile), j * block)
+            return d_q, d_k, d_v
 
-            return jax.lax.cond(live[i, j], update, lambda c: c, carry), None
-
-        init = (jnp.zeros((block, kv, groups, d), jnp.float32), d_k, d_v)
-        (d_q, d_k, d_v), _ = jax.lax.scan(visit, init, jnp.arange(i + 1))
+        d_q, d_k, d_v = _walk_live_tiles(update, (jnp.zeros((block, kv, groups, d), jnp.float32), d_k, d_v),
+                                         live[i, :i + 1])
         d_qs.append(d_q.reshape(block, h, d))
     return jnp.concatenate(d_qs).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype)
+
+
+def _add_at(total, tile, start):
+    """total[start:start + len(tile)] += tile (start traced)."""
+    current = jax.lax.dynamic_slice_in_dim(total, start, tile.shape[0])
+    return jax.lax.dynamic_update_slice_in_dim(total, current + tile, start, 0)
 
 
 def _block_sparse_backward(block, residuals, d_out):
