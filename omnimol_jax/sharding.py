@@ -186,12 +186,13 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
 
 
 def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], logical_axes: Sequence[Sequence[Optional[str]]],
-              out_axes: Sequence[Optional[str]]) -> jax.Array:
+              out_axes: Sequence[Optional[str]], split_alike: Sequence[Sequence[str]] = ()) -> jax.Array:
     """fn(*args) run on each device's shard (jax.shard_map over the active mesh, by logical names), for code whose
     work depends on the data of each shard (a lax.cond per batch row, say) and so must not be partitioned by XLA.
 
-    fn itself outside `use_mesh` or on one device. A dimension is split only where every argument that names its
-    logical axis splits it the same way (e.g. 8 query heads and 2 KV heads on a tensor axis of 4: neither is)."""
+    fn itself outside `use_mesh` or on one device. A logical axis is split only where every argument naming it splits
+    it the same way, and each group of names in `split_alike` is split alike or not at all (query heads and KV heads:
+    8 and 2 on a tensor axis of 4 would leave a shard pairing the wrong query groups with its keys)."""
     mesh = _active_mesh.get()
     if mesh is None or mesh.size == 1:
         return fn(*args)
@@ -201,11 +202,9 @@ def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], logical_a
         for name, entry in zip(axes, spec):
             if name is not None and chosen.setdefault(name, entry) != entry:
                 chosen[name] = None
-    # Heads and KV heads must split alike, or a shard would pair the wrong query groups with its keys.
-    head_names = ("activation_heads", "activation_kv_heads")
-    if len({repr(chosen.get(n)) for n in head_names if n in chosen}) > 1:
-        for n in head_names:
-            chosen[n] = None
+    for group in split_alike:
+        if len({repr(chosen.get(n)) for n in group if n in chosen}) > 1:
+            chosen.update({n: None for n in group})
     in_specs = tuple(PartitionSpec(*(chosen[n] if n is not None else None for n in axes)) for axes in logical_axes)
     out_spec = PartitionSpec(*(chosen.get(n) if n is not None else None for n in out_axes))
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)

@@ -221,7 +221,7 @@ class Attention(nnx.Module):
             batch_kv = ("activation_batch", None, "activation_kv_heads", None)
             return per_shard(lambda q, k, v, m: attention.block_sparse_attention(q, k, v, m, block),
                              (q, k, v, mask), (batch_heads, batch_kv, batch_kv, ("activation_batch", None, None)),
-                             batch_heads)
+                             batch_heads, split_alike=[("activation_heads", "activation_kv_heads")])
         return attention.einsum_attention(q, k, v, mask)
 
 
