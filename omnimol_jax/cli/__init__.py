@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra and isinstance(getattr(args, "overrides", None), list):
         # argparse ends a `key=value ...` positional at the first flag; overrides after a flag
         # (`omnimol train --config C --no-progress train.max_steps=8`) are overrides all the same.
-        args.overrides += [a for a in extra if "=" in a and not a.startswith("-")]
-        extra = [a for a in extra if not ("=" in a and not a.startswith("-"))]
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        args.overrides += late
+        extra = [a for a in extra if a not in late]
     if extra:
         # A flag that looks like a config key (`--init.hf X`) gets the one override syntax spelled out.
         dotted = next((flag for flag in extra if flag.startswith("--") and "." in flag.split("=")[0]), None)

@@ -240,8 +240,9 @@ def evaluate_predictions(store, task_ids: dict[str, list[str]], protocols: Seque
         records = store.for_task(task, order=present)
         metrics = compute_metrics_from_records(task, records, protocols, tokenize_fn=tokenize_fn)
         if get_task(task).metric_set == "molecule":
+            stopped = stopped_share(records, tokenize_fn)  # the same under both protocols: tokenize once
             for protocol in protocols:
-                metrics[protocol].update(stopped_share(records, tokenize_fn))
+                metrics[protocol].update(stopped)
                 if beams > 1:
                     metrics[protocol].update(topk_exact_match(records, protocol, beams))
         results[task] = metrics
