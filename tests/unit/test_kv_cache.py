@@ -87,5 +87,24 @@ def test_fresh_cache_prefill_equals_prefill_over_every_slot(impl, block):
     for a, b in zip(cache_a.keys + cache_a.values, cache_b.keys + cache_b.values):  # real slots only
         assert np.abs(np.asarray(a)[:, :13][valid] - np.asarray(b)[:, :13][valid]).max() <= 1e-5
     assert np.abs(np.asarray(step_a) - np.asarray(step_b)).max() <= 1e-5
+    # ...and it really attends over the prompt's 13 keys only: no score tensor spans the 20 cache slots.
+    def score_widths(fresh):
+        jaxpr = jax.make_jaxpr(lambda m, i, k: m(i, attention_mask=k, cache=init_kv_cache(config, 3, 20),
+                                                 fresh_cache=fresh).logits)(model, jnp.asarray(ids), jnp.asarray(mask))
+        return {dim for eqn in _equations(jaxpr.jaxpr) if eqn.primitive.name == "dot_general"
+                for v in eqn.outvars for dim in v.aval.shape}
+
+    assert 20 in score_widths(False) and 20 not in score_widths(True)
     with pytest.raises(ValueError, match="fresh_cache"):
         model(jnp.asarray(ids), attention_mask=jnp.asarray(mask), fresh_cache=True)
+
+
+def _equations(jaxpr):
+    """Every equation of a jaxpr, sub-jaxprs (scan, cond, checkpoint, custom_vjp) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _equations(inner)
