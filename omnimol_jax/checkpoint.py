@@ -32,6 +32,10 @@ FORMAT_VERSION = 1
 META_FILE = "omnimol_checkpoint.json"
 PARAMS_DIR = "params"
 ASSETS_DIR = "hf_assets"
+# Files copied through unchanged between a HF folder and a checkpoint's hf_assets/ (tokenizer, chat template,
+# generation settings); omnimol_tokenizer.json describes a tokenizer that build-data trained.
+ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+               "generation_config.json", "chat_template.jinja", "chat_template.json", "omnimol_tokenizer.json")
 
 # The one flat-key convention: a variable's key is its nnx path as a tuple of strings, ("layers", "0", "mlp", ...);
 # `path_text` is that key written out ("layers/0/mlp/..."), for messages, regular expressions (train.unfreeze) and
@@ -256,6 +260,18 @@ def omnimol_constructor(model_config: ModelConfig, graph_config: GraphConfig, se
     return lambda: OmniMolModel(model_config, graph_config, rngs=nnx.Rngs(seed))
 
 
+def copy_assets(src: Path, dst: Path) -> list[str]:
+    """Copies the tokenizer and generation files of a HF or tokenizer folder (ASSET_FILES, nothing else: the folder may
+    hold the model's weights too); returns the names copied."""
+    copied = []
+    for name in ASSET_FILES:
+        if (src / name).is_file():
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
 def save_omnimol_checkpoint(directory: str | os.PathLike, model_config: ModelConfig, graph_config,
                             model: nnx.Module, extra_metadata: Optional[dict] = None, overwrite: bool = False,
                             assets_from: Optional[Path] = None) -> Path:
@@ -265,7 +281,7 @@ def save_omnimol_checkpoint(directory: str | os.PathLike, model_config: ModelCon
         save_params(tmp, params)
         write_metadata(tmp, model_config, {"graph": dataclasses.asdict(graph_config), **(extra_metadata or {})})
         if assets_from is not None and Path(assets_from).is_dir() and is_primary_process():
-            shutil.copytree(assets_from, tmp / ASSETS_DIR)
+            copy_assets(Path(assets_from), tmp / ASSETS_DIR)
     return Path(directory)
 
 

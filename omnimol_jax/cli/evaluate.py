@@ -44,13 +44,19 @@ def _add_decoding_args(p: argparse.ArgumentParser, default_max_new: int) -> None
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "generate", help="answer one task input with a checkpoint",
-        description="Builds the task's prompt exactly as training does (template, chat format, graph of the "
-                    "input molecule per the task's rule) and prints the answer; with --beams K, K lines "
-                    "'score<TAB>answer', best first.")
+        "generate", help="answer one task input, or a free prompt, with a checkpoint",
+        description="With --task/--input: builds the task's prompt exactly as training does (template, chat "
+                    "format, graph of the input molecule per the task's rule). With --prompt: one user turn in the "
+                    "checkpoint tokenizer's chat format, for any checkpoint, a plain language model (import-hf "
+                    "--hf/--gguf) included. Prints the answer; with --beams K, K lines 'score<TAB>answer', best "
+                    "first.")
     _add_model_args(p)
-    p.add_argument("--task", required=True, help="task key, e.g. forward, retrosynthesis, logp, molcap")
-    p.add_argument("--input", required=True, help="the record's input (SELFIES, reaction, name or text)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--task", help="task key, e.g. forward, retrosynthesis, logp, molcap (with --input)")
+    what.add_argument("--prompt", help="a free user message, sent through the chat template")
+    p.add_argument("--input", help="the record's input (SELFIES, reaction, name or text), with --task")
+    p.add_argument("--system", default=None,
+                   help="with --prompt: the system message (default: the one training uses, SPEC section 5)")
     p.add_argument("--instruction", default=None,
                    help="the instruction (default: a standard one for the task where there is one)")
     p.add_argument("--extracted-molecules", default=None,
@@ -122,6 +128,10 @@ def run_generate(args: argparse.Namespace) -> int:
     from omnimol_jax.inference.session import load_session, number_median_decoder, record_seed
 
     config = generation_config(args)
+    if args.prompt is not None:
+        return _generate_from_prompt(args, config)
+    if args.input is None:
+        raise UsageError("--task needs --input (the record's input)")
     spec = tasks.get_task(args.task)
     record: dict[str, Any] = {"input": args.input}
     if not spec.question_pool:
@@ -142,6 +152,9 @@ def run_generate(args: argparse.Namespace) -> int:
               f"{spec.output_type}", file=sys.stderr)
     session = load_session(args.checkpoint, args.tokenizer, double_bos=False if args.single_bos else None,
                            mesh_config=_mesh(args.mesh), constrained=constrained)
+    if spec.has_graph and not session.has_graph_tower:
+        raise UsageError(f"{args.checkpoint} is a language model without a graph tower; task {spec.key} reads a "
+                         "molecule graph (use --prompt, or a trained Omni-Mol model)")
     try:
         ids, graph = prompt_ids(spec, record, session.tokenizer, session.feature_mode)
     except ValueError as err:
@@ -154,15 +167,41 @@ def run_generate(args: argparse.Namespace) -> int:
     if args.number_median:
         print(f"note: --number-median applies to number-output tasks only; {spec.key} answers "
               f"{spec.output_type}", file=sys.stderr)
-    out = session.generator.generate([ids], config, [graph], row_seeds=[record_seed(config.seed, "generate")],
-                                     constrained=constrained)
+    _print_answers(session, session.generator.generate([ids], config, [graph],
+                                                       row_seeds=[record_seed(config.seed, "generate")],
+                                                       constrained=constrained), config)
+    return 0
+
+
+def _generate_from_prompt(args: argparse.Namespace, config) -> int:
+    """`omnimol generate --prompt TEXT`: one user turn through the tokenizer's chat format."""
+    from omnimol_jax.constants import IMAGE_PLACEHOLDER
+    from omnimol_jax.inference.session import load_session, record_seed
+
+    if args.input is not None or args.instruction or args.extracted_molecules:
+        raise UsageError("--prompt is the whole user message: --input, --instruction and --extracted-molecules "
+                         "go with --task")
+    if args.constrained or args.number_median:
+        raise UsageError("--constrained and --number-median are task decodings: use them with --task")
+    if IMAGE_PLACEHOLDER in args.prompt:
+        raise UsageError(f"--prompt holds {IMAGE_PLACEHOLDER}, the graph placeholder: give a molecule with --task")
+    session = load_session(args.checkpoint, args.tokenizer, double_bos=False if args.single_bos else None,
+                           mesh_config=_mesh(args.mesh))
+    if args.system is not None:
+        session.tokenizer.system_prompt = args.system
+    ids = session.tokenizer.encode_prompt(args.prompt).input_ids
+    _print_answers(session, session.generator.generate([ids], config, row_seeds=[record_seed(config.seed, "prompt")]),
+                   config)
+    return 0
+
+
+def _print_answers(session, out, config) -> None:
     answers = [session.decode(out.answer_ids(0, k)) for k in range(out.tokens.shape[1])]
     if config.num_beams == 1:
         print(answers[0])
     else:
         for answer, score in zip(answers, out.scores[0]):
             print(f"{score:.4f}\t{answer}")
-    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:

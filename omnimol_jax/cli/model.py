@@ -43,10 +43,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("check-hf", help="compare a checkpoint's logits with transformers on a HF folder",
                               description="Logit checker: max |diff|, KL and top-1 agreement on a short and a "
-                                          "~500-token prompt. Exit code 1 if max |diff| exceeds --tolerance.")
+                                          "~500-token prompt against transformers' load of a HF folder or a GGUF "
+                                          "file. Exit code 1 if max |diff| exceeds --tolerance times the largest "
+                                          "|logit| (at least 1).")
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--hf", required=True, help="HF folder with the same weights (e.g. from export-hf)")
-    p.add_argument("--tolerance", type=float, default=1e-4)
+    reference = p.add_mutually_exclusive_group(required=True)
+    reference.add_argument("--hf", help="HF folder with the same weights (e.g. from export-hf)")
+    reference.add_argument("--gguf", help="the GGUF file the checkpoint was imported from (or a packaged model)")
+    p.add_argument("--tolerance", type=float, default=1e-4,
+                   help="max |diff| allowed per unit of the largest |reference logit| (fp32 rounding scales with it)")
     p.add_argument("--seq-lens", default="8,500", help="comma-separated prompt lengths")
     p.set_defaults(func=_check_hf)
 
@@ -114,7 +119,7 @@ def _init(args) -> int:
 def _check_hf(args) -> int:
     from omnimol_jax.convert.logit_check import check_against_hf
 
-    reports = check_against_hf(args.checkpoint, args.hf, [int(s) for s in args.seq_lens.split(",")])
+    reports = check_against_hf(args.checkpoint, args.hf, [int(s) for s in args.seq_lens.split(",")], gguf=args.gguf)
     ok = all(r.ok(args.tolerance) for r in reports)
     print(json.dumps({"tolerance": args.tolerance, "ok": ok, "reports": [dataclasses.asdict(r) for r in reports]},
                      indent=2))

@@ -1,4 +1,5 @@
-"""`omnimol train --config configs/<name>.yaml [key=value ...]`, e.g. `init.hf=DIR train.profile_steps=10:15`."""
+"""`omnimol train --config configs/<name>.yaml [key=value ...]`, e.g. `init.hf=DIR train.profile_steps=10:15`, and
+`omnimol inspect-data --config C [--task T] [-n 3] [--json]`: the samples that run would train on."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +22,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID set by hand)")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.set_defaults(func=_train)
+
+    p = subparsers.add_parser(
+        "inspect-data", help="print the first records of each task as training renders them",
+        description="Builds each record as `omnimol train --config C` would (the backbone's tokenizer and chat "
+                    "format, the task's template, the graph slots, the labels) and prints its text with the "
+                    "supervised span between \u00ab \u00bb and the graph as <graph: N atoms>, then the token counts; "
+                    "with --json one JSON object per record with the ids and labels (-200: graph slot, -100: no "
+                    "loss).")
+    p.add_argument("--config", required=True, help="run config YAML, e.g. configs/smollm2_stage2.yaml")
+    p.add_argument("--task", action="append", default=None, help="only this task (repeatable; default: every task)")
+    p.add_argument("-n", type=int, default=3, help="records per task (default 3, the first in the file)")
+    p.add_argument("--json", action="store_true", help="JSON lines with ids and labels instead of text")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.set_defaults(func=_inspect_data)
 
 
 def _train(args) -> int:
@@ -55,3 +70,32 @@ def _train(args) -> int:
     if result.stopped_by == "signal":  # after its checkpoint; the shell convention for death by that signal
         return 128 + (result.signal or 15)
     return 0 if result.stopped_by != "nonfinite" else 3
+
+
+def _inspect_data(args) -> int:
+    import dataclasses
+    import json
+
+    from omnimol_jax.config import load_config
+    from omnimol_jax.train.inspect_data import inspect_samples, marked_text
+
+    if args.n < 1:
+        from omnimol_jax.errors import InputError
+        raise InputError(f"-n must be >= 1, got {args.n}")
+    config = load_config(args.config, args.overrides)
+    tokenizer, samples = inspect_samples(config, args.task, args.n)
+    if not args.json:
+        print(f"# tokenizer {tokenizer.source} (chat format {tokenizer.frame.name}, end of turn "
+              f"{tokenizer.end_of_turn!r}); supervised text between \u00ab \u00bb")
+    for sample in samples:
+        if args.json:
+            print(json.dumps({**dataclasses.asdict(sample), "supervised": sample.supervised}))
+            continue
+        print(f"\n=== {sample.task}: {sample.file} record {sample.record}")
+        if sample.rejected:
+            print(f"(training skips it: {sample.rejected})")
+            continue
+        print(marked_text(sample, tokenizer))
+        print(f"--- {len(sample.input_ids)} tokens: {sample.supervised} supervised, {sample.num_atoms} graph slots "
+              f"({sample.num_bonds // 2} bonds)")
+    return 0

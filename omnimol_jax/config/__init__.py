@@ -25,6 +25,7 @@ from omnimol_jax.config.loading import (
 )
 from omnimol_jax.config.sections import (
     BATCHING_MODES,
+    CHAT_FORMATS,
     MIXTURE_MODES,
     OVERLONG_MODES,
     Config,
@@ -45,9 +46,9 @@ from omnimol_jax.config.sections import (
 )
 
 __all__ = [
-    "BASE_CONFIG", "BATCHING_MODES", "CONFIG_DIR", "Config", "ConfigError", "DType", "DataConfig", "GraphConfig",
-    "InitConfig", "LoRAConfig", "LoRATarget", "MIXTURE_MODES", "MODEL_PRESET_DIR", "MOVED_KEYS", "MeshConfig",
-    "MoGEConfig", "MoGELayerSet", "ModelConfig", "OVERLONG_MODES", "RematPolicy", "TrainConfig",
+    "BASE_CONFIG", "BATCHING_MODES", "CHAT_FORMATS", "CONFIG_DIR", "Config", "ConfigError", "DType", "DataConfig",
+    "GraphConfig", "InitConfig", "LoRAConfig", "LoRATarget", "MIXTURE_MODES", "MODEL_PRESET_DIR", "MOVED_KEYS",
+    "MeshConfig", "MoGEConfig", "MoGELayerSet", "ModelConfig", "OVERLONG_MODES", "RematPolicy", "TrainConfig",
     "available_model_presets", "build_dataclass", "load_config", "load_model_preset", "mesh_config_from_text",
     "model_config_from_preset", "parse_mixture", "parse_override", "read_yaml", "resolve_raw", "save_config",
 ]

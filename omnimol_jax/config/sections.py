@@ -225,6 +225,7 @@ class GraphConfig:
 
 
 BATCHING_MODES = ("pack", "bucket", "pad")
+CHAT_FORMATS = ("auto", "llama3", "template")
 OVERLONG_MODES = ("reject", "truncate")
 MIXTURE_MODES = ("concat", "weighted")
 
@@ -241,7 +242,10 @@ class DataConfig:
     mixture: str = "concat"  # concat | weighted
     split: str = "train"
     tokenizer: str = ""  # tokenizer.json or a folder holding one; "" = <data_dir>/tokenizer
-    double_bos: bool = True  # two BOS tokens as in the public code (checkpoint compatibility)
+    double_bos: bool = True  # the tokenizer call's own BOS before the template's, as the public code (Llama 3: two)
+    # How a conversation is written: llama3 = the Omni-Mol Llama-3 conversation (what released checkpoints saw);
+    # template = the tokenizer's own chat template; auto = llama3 for a tokenizer with Llama 3's header tokens.
+    chat_format: str = "auto"
     seq_len: int = 512  # tokens per row (graph slots included)
     batch_size: int = 8  # rows per batch on this process
     batching: str = "pack"  # pack | bucket | pad
@@ -277,6 +281,8 @@ class DataConfig:
         _require(self.batching in BATCHING_MODES, "data.batching",
                  f"{self.batching!r} is not one of {BATCHING_MODES}")
         _require(self.split in SPLITS, "data.split", f"{self.split!r} is not one of {SPLITS}")
+        _require(self.chat_format in CHAT_FORMATS, "data.chat_format",
+                 f"{self.chat_format!r} is not one of {CHAT_FORMATS}")
         _require(self.overlong in OVERLONG_MODES, "data.overlong", f"{self.overlong!r} is not one of {OVERLONG_MODES}")
         _require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
         _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
@@ -379,13 +385,17 @@ class InitConfig:
     """Where the weights of a run come from. Unset paths mean random initialisation (seeded)."""
 
     hf: Optional[str] = None             # a HF Llama folder (config.json + safetensors) for the language model
+    # a GGUF Llama file, or a packaged model's name (smollm2-135m-instruct), for the language model: imported once
+    # into the user cache (convert/gguf_llama.py)
+    gguf: Optional[str] = None
     checkpoint: Optional[str] = None     # an omnimol model checkpoint (language-model-only or full Omni-Mol)
     moleculestm: Optional[str] = None    # MoleculeSTM `molecule_model.pth` for the graph tower
     projector: Optional[str] = None      # a full Omni-Mol checkpoint (e.g. stage 1's) to take the projector from
 
     def validate(self) -> None:
-        _require(not (self.hf and self.checkpoint), "init.hf",
-                 "give either init.hf or init.checkpoint for the language model, not both")
+        given = [f"init.{k}" for k in ("hf", "gguf", "checkpoint") if getattr(self, k)]
+        _require(len(given) <= 1, given[0] if given else "init",
+                 f"give one source for the language model, not {' and '.join(given)}")
 
 
 @dataclasses.dataclass

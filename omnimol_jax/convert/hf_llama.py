@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -24,6 +23,7 @@ from omnimol_jax.checkpoint import (
     ASSETS_DIR,
     FlatParams,
     atomic_directory,
+    copy_assets,
     flat_variables,
     save_params,
     write_metadata,
@@ -36,9 +36,6 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# Files copied through unchanged between a HF folder and a checkpoint's hf_assets/.
-ASSET_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-               "generation_config.json", "chat_template.jinja", "chat_template.json")
 # Tensors a HF folder may carry that the model does not use.
 IGNORED_HF_TENSOR_SUFFIXES = ("rotary_emb.inv_freq",)
 NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
@@ -272,14 +269,17 @@ def import_hf(hf_dir: str | Path, out: str | Path, dtype: Optional[str] = None, 
     return out
 
 
-def copy_assets(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in ASSET_FILES:
-        if (src / name).is_file():
-            dst.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src / name, dst / name)
-            copied.append(name)
-    return copied
+# What must agree between a configured model and pretrained weights for the weights to mean the same thing.
+ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                       "head_dim", "tie_word_embeddings", "rope_type", "rope_theta", "rope_factor")
+
+
+def check_same_architecture(ours: ModelConfig, theirs: ModelConfig, source) -> None:
+    """HFConversionError listing every architecture field in which `source`'s model differs from the configured one."""
+    different = [f"model.{f}: {getattr(ours, f)} in the config, {getattr(theirs, f)} in {source}"
+                 for f in ARCHITECTURE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
+    if different:
+        raise HFConversionError(f"{source} does not fit the configured model:\n  " + "\n  ".join(different))
 
 
 def load_hf_weights(language_model, hf_dir: str | Path, progress: bool = True) -> ModelConfig:
@@ -291,12 +291,7 @@ def load_hf_weights(language_model, hf_dir: str | Path, progress: bool = True) -
     hf_dir = Path(hf_dir)
     hf_config = model_config_from_hf(read_hf_config(hf_dir), source=str(hf_dir / "config.json"))
     ours = language_model.config
-    shape_fields = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                    "head_dim", "tie_word_embeddings", "rope_type", "rope_theta", "rope_factor")
-    different = [f"{f}: model {getattr(ours, f)} vs {hf_dir} {getattr(hf_config, f)}" for f in shape_fields
-                 if getattr(ours, f) != getattr(hf_config, f)]
-    if different:
-        raise HFConversionError(f"{hf_dir} does not fit the configured model:\n  " + "\n  ".join(different))
+    check_same_architecture(ours, hf_config, hf_dir)
     try:
         found = st.list_checkpoint_tensors(hf_dir)
     except st.SafetensorsError as err:

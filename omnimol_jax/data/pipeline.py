@@ -52,7 +52,8 @@ class Pipeline:
             raise ValueError(f"feature_mode {feature_mode!r} is not one of {FEATURE_MODES}")
         self.config = config
         self.feature_mode = feature_mode  # graph.feature_mode of the run config
-        self.tokenizer = tokenizer or load_chat_tokenizer(config.tokenizer_path(), double_bos=config.double_bos)
+        self.tokenizer = tokenizer or load_chat_tokenizer(config.tokenizer_path(), double_bos=config.double_bos,
+                                                          chat_format=config.chat_format)
         entries = parse_mixture(config.tasks, config.mixture)
         if entries[0][1] is None:  # "all" or "paper"
             names = readers.available_tasks(config.data_dir, config.layout) if sources is None else list(sources)

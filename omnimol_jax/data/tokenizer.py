@@ -1,17 +1,18 @@
-"""Tokenizers and the llama3 chat format of SPEC.md.
+"""Tokenizers and the chat conversations they encode.
 
-- `load_chat_tokenizer(path)`: a HF `tokenizer.json` (e.g. Llama 3's), or a folder holding one.
+- `load_chat_tokenizer(path)`: a HF `tokenizer.json` (e.g. Llama 3's), or a folder holding one, with its chat
+  format (data/chat_format.py: the Omni-Mol Llama-3 conversation, or the folder's own chat template).
 - `train_bpe_tokenizer(...)`: a small byte-level BPE for the built-in corpus, with the llama3 special tokens
   (same names and relative order) and every SELFIES symbol as one token, saved as a HF tokenizer folder
   that `transformers.AutoTokenizer` loads.
 - `ChatTokenizer.encode_chat(...)`: token ids and labels of one conversation. Labels are IGNORE_INDEX
-  everywhere except the assistant answer and its closing `<|eot_id|>`. The `<image>` placeholder becomes
-  one IMAGE_TOKEN_ID (the pipeline expands it to one slot per atom).
+  everywhere except the assistant answer and its end-of-turn token (`<|eot_id|>`, `<|im_end|>`). The `<image>`
+  placeholder becomes one IMAGE_TOKEN_ID (the pipeline expands it to one slot per atom).
 
 The conversation is tokenized as the public code does: the rendered chat text is cut only at `<image>` and
 each chunk is tokenized whole, so newline runs merge across the header cuts exactly as there; labels come from
-character offsets (the answer's tokens and its closing `<|eot_id|>`). The prompt ids are exactly what the model
-sees at inference.
+character offsets (the answer's tokens and its end-of-turn token). The prompt ids are exactly what the model
+sees at inference; without a placeholder they are exactly transformers' `apply_chat_template` ids.
 """
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ import numpy as np
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from omnimol_jax.data.chat_format import (
+    CHAT_FORMATS,
+    LLAMA3_CHAT_TEMPLATE,
+    LLAMA3_OMNIMOL,
+    ChatFrame,
+    frame_from_template,
+    hf_template_renderer,
+)
 from omnimol_jax.errors import InputError
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_ID
 from omnimol_jax.tasks import SYSTEM_PROMPT
@@ -51,13 +60,6 @@ LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|
 BUILTIN_SPLIT_PATTERN = LLAMA3_SPLIT_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 SELFIES_SYMBOL_RE = re.compile(r"\[[^\[\]]+\]")
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
-    "{{ message['content'] }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
-)
-
-
 class TokenizerError(InputError):
     pass
 
@@ -65,38 +67,39 @@ class TokenizerError(InputError):
 @dataclasses.dataclass(frozen=True)
 class EncodedChat:
     input_ids: np.ndarray  # int32 [L]; the placeholder is one IMAGE_TOKEN_ID
-    labels: np.ndarray  # int32 [L]; IGNORE_INDEX outside the answer + closing eot
+    labels: np.ndarray  # int32 [L]; IGNORE_INDEX outside the answer + its end-of-turn token
     image_position: int  # index of the IMAGE_TOKEN_ID, -1 without a graph
 
 
 class ChatTokenizer:
-    """A `tokenizers.Tokenizer` plus the llama3 chat format of the public Omni-Mol code.
+    """A `tokenizers.Tokenizer` plus the chat frame its conversations are written in (data/chat_format.py).
 
-    `double_bos=True` reproduces the public code, whose tokenizer call adds a BOS in front of the
-    template's own `<|begin_of_text|>` (the released checkpoints saw two BOS tokens).
+    `double_bos=True` reproduces the public code, whose tokenizer call puts the tokenizer's own special prefix
+    (Llama 3: a BOS) in front of the template's text, which for Llama 3 starts with `<|begin_of_text|>` too (the
+    released checkpoints saw two BOS tokens). A tokenizer that adds nothing on encode (SmolLM2) adds nothing here.
+    Stop tokens: the frame's end-of-turn token, the tokenizer's eos token and the generation config's
+    eos_token_id(s); the pad id is the tokenizer's pad token (Llama 3: `<|finetune_right_pad_id|>`), else its eos.
     """
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer, *, double_bos: bool = True,
-                 system_prompt: str = SYSTEM_PROMPT, source: str = "", clean_up_spaces: bool = False):
+    def __init__(self, tokenizer: tokenizers.Tokenizer, frame: ChatFrame = LLAMA3_OMNIMOL, *, double_bos: bool = True,
+                 system_prompt: str = SYSTEM_PROMPT, source: str = "", clean_up_spaces: bool = False,
+                 pad_token: Optional[str] = None, stop_tokens: Sequence[str] = (), stop_ids: Sequence[int] = ()):
         self.tokenizer = tokenizer
+        self.frame = frame
         self.double_bos = double_bos
         # tokenizer_config.json's clean_up_tokenization_spaces (true for Llama 3.2): transformers 4.x's decode then
         # joined " ." -> "." and the like; the reference protocol's raw answers are decoded that way too.
         self.clean_up_spaces = clean_up_spaces
         self.system_prompt = system_prompt
         self.source = source
-        self.bos_id = self.token_id(BOS)
-        self.eot_id = self.token_id(EOT)
-        self.start_header_id = self.token_id(START_HEADER)
-        self.end_header_id = self.token_id(END_HEADER)
-        pad = tokenizer.token_to_id(PAD)
-        self.pad_id = pad if pad is not None else self.token_id(EOS)
-        self._prefix_text = (f"{BOS}{START_HEADER}system{END_HEADER}\n\n{system_prompt}{EOT}"
-                             f"{START_HEADER}user{END_HEADER}\n\n")
-        self._assistant_text = f"{EOT}{START_HEADER}assistant{END_HEADER}\n\n"
-
-    # -- construction
-
+        self.end_of_turn_id = self.token_id(frame.end_of_turn)
+        # What the tokenizer's post-processor puts in front of a text (the public code's tokenizer call).
+        self.call_prefix_ids = _call_prefix(tokenizer)
+        self.bos_id = tokenizer.token_to_id(BOS)
+        pads = [t for t in (pad_token, PAD) if t and tokenizer.token_to_id(t) is not None]
+        known_stops = [tokenizer.token_to_id(t) for t in (frame.end_of_turn, *stop_tokens, EOS)]
+        self.stop_ids = tuple(sorted({int(i) for i in [*known_stops, *stop_ids] if i is not None}))
+        self.pad_id = tokenizer.token_to_id(pads[0]) if pads else self.stop_ids[0]
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -113,11 +116,16 @@ class ChatTokenizer:
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def end_of_turn(self) -> str:
+        """The token text that ends an answer (`<|eot_id|>`, `<|im_end|>`)."""
+        return self.frame.end_of_turn
+
     def token_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
         if token_id is None:
-            raise TokenizerError(f"tokenizer {self.source or ''} has no token {token!r}; a llama3-style "
-                                 f"tokenizer with {', '.join(LLAMA3_SPECIAL_TOKENS[:2])}, ... is required")
+            raise TokenizerError(f"tokenizer {self.source or ''} has no token {token!r}, which its chat format "
+                                 f"({self.frame.name}) needs")
         return token_id
 
     def encode(self, text: str) -> list[int]:
@@ -154,21 +162,26 @@ class ChatTokenizer:
         return text
 
     # -- chat format
+    def render(self, user_message: str, answer: Optional[str]) -> tuple[str, int, int]:
+        """(conversation text, answer start, end of the supervised span); without an answer the generation prompt
+        (both positions at its end)."""
+        if answer is None:
+            text = self.frame.prompt(self.system_prompt, user_message)
+            return text, len(text), len(text)
+        return self.frame.conversation(self.system_prompt, user_message, answer)
+
     def _encode_conversation(self, user_message: str, answer: Optional[str]) -> EncodedChat:
         """The conversation as the public code tokenizes it: the rendered text is cut only at the `<image>`
         placeholder and each chunk is tokenized whole, so a run of newlines merges across the header cuts
         ("...<|end_header_id|>" + "\n\n" + "\nanswer" gives 1432 = "\n\n\n", not 271, 198). Labels come from
-        character offsets: a token is supervised when it starts inside the answer or is its closing `<|eot_id|>`;
+        character offsets: a token is supervised when it starts inside the answer or is its end-of-turn token;
         a token that straddles the cut (that merged newline run) belongs to the prompt, as in the reference."""
         parts = user_message.split(IMAGE_PLACEHOLDER)
         if len(parts) > 2:
             raise TokenizerError(f"a prompt may hold one {IMAGE_PLACEHOLDER} placeholder, found {len(parts) - 1}")
-        text = self._prefix_text + user_message + self._assistant_text
-        answer_start = len(text)
-        if answer is not None:
-            text += answer + EOT
+        text, answer_start, supervised_end = self.render(user_message, answer)
         chunks = text.split(IMAGE_PLACEHOLDER)
-        ids: list[int] = [self.bos_id] if self.double_bos else []  # the tokenizer call's own BOS
+        ids: list[int] = list(self.call_prefix_ids) if self.double_bos else []  # the tokenizer call's own BOS
         labels: list[int] = [IGNORE_INDEX] * len(ids)
         image_position = -1
         chunk_start = 0
@@ -181,23 +194,42 @@ class ChatTokenizer:
             encoding = self.tokenizer.encode(chunk, add_special_tokens=False)
             for token, (begin, _) in zip(encoding.ids, encoding.offsets):
                 ids.append(token)
-                supervised = answer is not None and chunk_start + begin >= answer_start
+                supervised = answer is not None and answer_start <= chunk_start + begin < supervised_end
                 labels.append(token if supervised else IGNORE_INDEX)
             chunk_start += len(chunk)
         return EncodedChat(np.asarray(ids, dtype=np.int32), np.asarray(labels, dtype=np.int32), image_position)
 
     def encode_prompt(self, user_message: str) -> EncodedChat:
-        """The prompt up to and including the assistant header (for generation)."""
+        """The prompt up to where the answer starts (for generation)."""
         return self._encode_conversation(user_message, None)
 
     def encode_chat(self, user_message: str, answer: str) -> EncodedChat:
-        """Ids and labels of system + user + assistant answer + `<|eot_id|>`."""
+        """Ids and labels of system + user + assistant answer + the frame's end of turn."""
         return self._encode_conversation(user_message, answer)
 
 
-def load_chat_tokenizer(path: str | os.PathLike, *, double_bos: bool = True,
-                        system_prompt: str = SYSTEM_PROMPT) -> ChatTokenizer:
-    """Loads `tokenizer.json` (a file, or a folder holding one: a HF model or tokenizer folder)."""
+def _call_prefix(tokenizer: tokenizers.Tokenizer) -> list[int]:
+    """The ids a tokenizer call (`add_special_tokens=True`) puts before a text's own ids."""
+    plain = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def _has_llama3_tokens(tokenizer: tokenizers.Tokenizer) -> bool:
+    return all(tokenizer.token_to_id(t) is not None for t in (BOS, START_HEADER, END_HEADER, EOT))
+
+
+def load_chat_tokenizer(path: str | os.PathLike, *, double_bos: bool = True, system_prompt: str = SYSTEM_PROMPT,
+                        chat_format: str = "auto") -> ChatTokenizer:
+    """Loads `tokenizer.json` (a file, or a folder holding one: a HF model or tokenizer folder) with its chat format.
+
+    chat_format: `llama3` = the Omni-Mol Llama-3 conversation; `template` = the folder's own chat template;
+    `auto` = llama3 for a tokenizer with Llama 3's header tokens, else the template (data/chat_format.py)."""
+    if chat_format not in CHAT_FORMATS:
+        raise TokenizerError(f"chat format {chat_format!r} is not one of {CHAT_FORMATS}")
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
@@ -206,16 +238,40 @@ def load_chat_tokenizer(path: str | os.PathLike, *, double_bos: bool = True,
         tokenizer = tokenizers.Tokenizer.from_file(str(file))
     except Exception as err:  # tokenizers raises a bare Exception on a malformed file
         raise TokenizerError(f"{file}: cannot load tokenizer: {err}") from err
-    return ChatTokenizer(tokenizer, double_bos=double_bos, system_prompt=system_prompt, source=str(file),
-                         clean_up_spaces=_clean_up_setting(file.parent / "tokenizer_config.json"))
+    folder = file.parent
+    settings = _json_file(folder / "tokenizer_config.json")
+    generation = _json_file(folder / "generation_config.json")
+    eos_ids = generation.get("eos_token_id")
+    eos_ids = [eos_ids] if isinstance(eos_ids, int) else [i for i in (eos_ids or []) if isinstance(i, int)]
+    if chat_format == "llama3" or (chat_format == "auto" and _has_llama3_tokens(tokenizer)):
+        if not _has_llama3_tokens(tokenizer):
+            raise TokenizerError(f"tokenizer {file} lacks Llama 3's special tokens ({BOS}, {START_HEADER}, "
+                                 f"{END_HEADER}, {EOT}): data.chat_format=llama3 needs them")
+        frame = LLAMA3_OMNIMOL
+    else:
+        render, specials = hf_template_renderer(folder, str(folder))
+        frame = frame_from_template(render, specials, str(folder))
+    return ChatTokenizer(tokenizer, frame, double_bos=double_bos, system_prompt=system_prompt, source=str(file),
+                         clean_up_spaces=bool(settings.get("clean_up_tokenization_spaces", False)),
+                         pad_token=_token_text(settings.get("pad_token")),
+                         stop_tokens=[t for t in (_token_text(settings.get("eos_token")),) if t],
+                         stop_ids=[i for i in eos_ids if 0 <= i < tokenizer.get_vocab_size(True)])
 
 
-def _clean_up_setting(config_file: Path) -> bool:
-    """tokenizer_config.json's `clean_up_tokenization_spaces` (False when absent or unreadable)."""
+def _json_file(path: Path) -> dict:
+    """A JSON object from `path`, {} when absent or unreadable (optional tokenizer-folder files)."""
     try:
-        return bool(json.loads(config_file.read_text()).get("clean_up_tokenization_spaces", False))
-    except (OSError, ValueError, AttributeError):
-        return False
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _token_text(value) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) and value else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -276,7 +332,7 @@ def save_hf_tokenizer(tokenizer: tokenizers.Tokenizer, out_dir: str | os.PathLik
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOT, pad_token=PAD,
                                    model_max_length=model_max_length,
                                    clean_up_tokenization_spaces=clean_up_tokenization_spaces)
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = LLAMA3_CHAT_TEMPLATE
     fast.save_pretrained(str(out_dir))
     return out_dir
 

@@ -6,7 +6,8 @@ A prediction record keeps every answer in two forms:
                 so there is no padding), e.g. '[C][C][O]<|eot_id|>'
     prediction  special tokens dropped and surrounding whitespace stripped
 
-reference  molecule and number tasks read the raw text before the first `<|eot_id|>`, not stripped (public
+reference  molecule and number tasks read the raw text before the first `<|eot_id|>` (the tokenizer's end-of-turn
+           token: `<|im_end|>` for a ChatML model; every function takes it as `end_of_turn`), not stripped (public
            `pred.split(eos_token)[0]`: a leading space or a `<|end_of_text|>` stays in the answer); text tasks
            score the raw text as it is: ROUGE sees '<|eot_id|>' as the words 'eot id', while BLEU and METEOR drop
            `<|eot_id|>` pieces (public: filtered from `tokenizer.tokenize(...)`, the pad token being the same).
@@ -26,31 +27,34 @@ EOT = "<|eot_id|>"
 TEXT_METRIC_SETS = ("caption", "procedure")
 _SPECIAL_TOKEN = re.compile(r"(<\|[A-Za-z0-9_]+\|>)")
 
-CONVENTIONS = {  # Markdown: the report's header
-    PROTOCOL_REFERENCE: (
-        "answers decoded with special tokens kept; molecule and number tasks read the text before the first "
-        f"`{EOT}`, not stripped; text tasks score the raw answer (`{EOT}` included: ROUGE sees 'eot id', BLEU and "
-        f"METEOR drop `{EOT}` pieces); pieces cut to 512 per text; molecules stereo-blind, averaged over valid "
-        "ones; unparseable numbers skipped"),
-    PROTOCOL_STRICT: (
-        "answers decoded without special tokens and stripped; pieces kept whole; stereo kept; every record "
-        "counts (an invalid molecule or unparseable number scores as a failure)"),
-}
+
+
+def conventions(protocol: str, end_of_turn: str = EOT) -> str:
+    """How `protocol` reads and scores answers (Markdown, for the report's header)."""
+    check_protocol(protocol)
+    if protocol == PROTOCOL_STRICT:
+        return ("answers decoded without special tokens and stripped; pieces kept whole; stereo kept; every record "
+                "counts (an invalid molecule or unparseable number scores as a failure)")
+    words = " ".join(w for w in re.split(r"[^A-Za-z0-9]+", end_of_turn) if w)
+    return ("answers decoded with special tokens kept; molecule and number tasks read the text before the first "
+            f"`{end_of_turn}`, not stripped; text tasks score the raw answer (`{end_of_turn}` included: ROUGE sees "
+            f"'{words}', BLEU and METEOR drop `{end_of_turn}` pieces); pieces cut to 512 per text; molecules "
+            "stereo-blind, averaged over valid ones; unparseable numbers skipped")
 
 
 def is_text_task(task: str) -> bool:
     return get_task(task).metric_set in TEXT_METRIC_SETS
 
 
-def reference_answer(task: str, raw: str) -> str:
+def reference_answer(task: str, raw: str, end_of_turn: str = EOT) -> str:
     """The answer the public evaluation scores for a raw decoded answer."""
-    return raw if is_text_task(task) else raw.split(EOT)[0]
+    return raw if is_text_task(task) else raw.split(end_of_turn)[0]
 
 
-def protocol_answer(task: str, answer: str, protocol: str) -> str:
+def protocol_answer(task: str, answer: str, protocol: str, end_of_turn: str = EOT) -> str:
     """`answer` as `protocol` reads it (strict answers are already clean; reference ones may be raw)."""
     check_protocol(protocol)
-    return reference_answer(task, answer) if protocol == PROTOCOL_REFERENCE else answer
+    return reference_answer(task, answer, end_of_turn) if protocol == PROTOCOL_REFERENCE else answer
 
 
 def record_answers(records: Sequence[Mapping[str, Any]], protocol: str) -> tuple[list[Any], int]:
@@ -63,8 +67,8 @@ def record_answers(records: Sequence[Mapping[str, Any]], protocol: str) -> tuple
     return answers, sum(not isinstance(r.get("raw"), str) for r in records)
 
 
-def drop_eot_pieces(pieces: Sequence[str]) -> list[str]:
-    return [piece for piece in pieces if piece != EOT]
+def drop_eot_pieces(pieces: Sequence[str], end_of_turn: str = EOT) -> list[str]:
+    return [piece for piece in pieces if piece != end_of_turn]
 
 
 def split_special_tokens(text: str) -> list[str]:

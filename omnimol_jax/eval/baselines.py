@@ -17,18 +17,19 @@ COPY_SUFFIX = " (copy-input baseline)"
 COPY_INPUT_TASKS = ("forward", "retrosynthesis", "molediting")
 
 
-def _scored(task: str, records: list[dict], answer_of: Callable[[dict], str], protocols, tokenize_fn) -> dict:
+def _scored(task: str, records: list[dict], answer_of: Callable[[dict], str], protocols, tokenize_fn,
+            end_of_turn: str = EOT) -> dict:
     """The metrics of answering each record with answer_of(record), as a model's clean answer would be read."""
     answered = []
     for record in records:
         answer = answer_of(record)
         answered.append({**{k: v for k, v in record.items() if k not in ("predictions", "scores")},
-                         "prediction": answer, "raw": answer + EOT, "finished": True})
-    return compute_metrics_from_records(task, answered, protocols, tokenize_fn=tokenize_fn)
+                         "prediction": answer, "raw": answer + end_of_turn, "finished": True})
+    return compute_metrics_from_records(task, answered, protocols, tokenize_fn=tokenize_fn, end_of_turn=end_of_turn)
 
 
 def answer_baselines(results: dict, store, task_ids: dict[str, list[str]], data_dir: str, layout: str,
-                     protocols: Sequence[str], tokenize_fn) -> dict:
+                     protocols: Sequence[str], tokenize_fn, end_of_turn: str = EOT) -> dict:
     """For molecule and text tasks: the metrics of always giving the training split's most frequent answer, and
     (forward, retrosynthesis, molecule editing) of copying the input molecule, on the same test records. A reader
     sees at once whether the model beats the trivial answer."""
@@ -46,17 +47,18 @@ def answer_baselines(results: dict, store, task_ids: dict[str, list[str]], data_
         if train is not None and len(train):
             counts = Counter(str(train[i].get("output", "")).strip() for i in range(len(train)))
             frequent = counts.most_common(1)[0][0]
-            baselines[task + FREQUENT_SUFFIX] = _scored(task, records, lambda _: frequent, protocols, tokenize_fn)
+            baselines[task + FREQUENT_SUFFIX] = _scored(task, records, lambda _: frequent, protocols, tokenize_fn,
+                                                        end_of_turn)
         if task in COPY_INPUT_TASKS:
             test = readers.open_task(data_dir, task, "test", layout)
             inputs = {task_ids[task][i]: str(test[i].get("input", "")).strip() for i in range(len(task_ids[task]))}
             baselines[task + COPY_SUFFIX] = _scored(task, records, lambda r: inputs[r["id"]], protocols,
-                                                    tokenize_fn)
+                                                    tokenize_fn, end_of_turn)
     return baselines
 
 
 def train_mean_baselines(results: dict, store, task_ids: dict[str, list[str]], data_dir: str, layout: str,
-                         protocols: Sequence[str], tokenize_fn) -> dict:
+                         protocols: Sequence[str], tokenize_fn, end_of_turn: str = EOT) -> dict:
     """For number-output tasks, the metrics of always answering the training split's mean (per homolumo
     property), scored on the same test records: the bar a model must clear to have learned anything."""
     baselines = {}
@@ -86,5 +88,5 @@ def train_mean_baselines(results: dict, store, task_ids: dict[str, list[str]], d
                    if property_of(r) in means]
         if records:
             baselines[task + BASELINE_SUFFIX] = _scored(task, records, lambda r: means[property_of(r)], protocols,
-                                                        tokenize_fn)
+                                                        tokenize_fn, end_of_turn)
     return baselines

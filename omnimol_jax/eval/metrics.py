@@ -62,7 +62,7 @@ def _as_text(value: Any, what: str, record: str) -> str:
 
 def text_metrics(predictions: Sequence[str], references: Sequence[str], protocol: str, record_ids: Sequence[str],
                  tokenize_fn: Optional[TokenizeFn] = None, wordnet: Optional[object] = None,
-                 levenshtein_shares: bool = False) -> dict[str, float]:
+                 levenshtein_shares: bool = False, end_of_turn: str = EOT) -> dict[str, float]:
     """Caption-style metrics (and, with `levenshtein_shares`, the experiment-procedure shares)."""
     check_protocol(protocol)
     tokenize = tokenize_fn or split_special_tokens
@@ -74,17 +74,18 @@ def text_metrics(predictions: Sequence[str], references: Sequence[str], protocol
     for prediction, reference, record in zip(predictions, references, record_ids):
         prediction = _as_text(prediction, "prediction", record)
         reference = _as_text(reference, "reference", record)
-        n_failed += not prediction.split(EOT)[0].strip()
+        n_failed += not prediction.split(end_of_turn)[0].strip()
         hypothesis_tokens = list(tokenize(prediction))[:limit]
         reference_tokens = list(tokenize(reference))[:limit]
         if reference_protocol:
-            hypothesis_tokens, reference_tokens = drop_eot_pieces(hypothesis_tokens), drop_eot_pieces(reference_tokens)
+            hypothesis_tokens = drop_eot_pieces(hypothesis_tokens, end_of_turn)
+            reference_tokens = drop_eot_pieces(reference_tokens, end_of_turn)
         hypotheses.append(hypothesis_tokens)
         reference_lists.append([reference_tokens])
         meteors.append(meteor_score([reference_tokens], hypothesis_tokens, wordnet=wordnet))
         rouges.append(rouge_scores(reference, prediction))
         if levenshtein_shares:
-            answer = prediction.split(EOT)[0] if reference_protocol else prediction
+            answer = prediction.split(end_of_turn)[0] if reference_protocol else prediction
             similarities.append(normalized_levenshtein_similarity(answer, reference))
     metrics = {
         "bleu2": corpus_bleu(reference_lists, hypotheses, BLEU2_WEIGHTS),
@@ -105,7 +106,7 @@ def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequ
                          protocol: str = PROTOCOL_REFERENCE, *, tokenize_fn: Optional[TokenizeFn] = None,
                          record_ids: Optional[Sequence[Any]] = None, instructions: Optional[Sequence[str]] = None,
                          groups: Optional[Sequence[str]] = None,
-                         wordnet: Optional[object] = None) -> dict[str, float]:
+                         wordnet: Optional[object] = None, end_of_turn: str = EOT) -> dict[str, float]:
     """Metrics of one task's predictions under one protocol ('reference' or 'strict').
 
     predictions   the answers, one per record: in the reference protocol as decoded with special tokens kept (the
@@ -119,6 +120,7 @@ def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequ
                   (e.g. 'BH', 'SM'), giving r2_BH, r2_SM; ignored otherwise
     wordnet       text tasks: METEOR's WordNet (default: WordNet 3.0, see eval/wordnet.py;
                   `text_metrics.EmptyWordNet()` scores without synonyms)
+    end_of_turn   the token text that ends a raw answer (`<|eot_id|>`; the model tokenizer's, e.g. `<|im_end|>`)
     """
     spec = get_task(task)
     check_protocol(protocol)
@@ -131,7 +133,7 @@ def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequ
     if len(ids) != n:
         raise ValueError(f"task {task}: {n} predictions but {len(ids)} record ids")
     ids = [f"{r} (task {task})" for r in ids]
-    predictions = [protocol_answer(task, p, protocol) if isinstance(p, str) else p for p in predictions]
+    predictions = [protocol_answer(task, p, protocol, end_of_turn) if isinstance(p, str) else p for p in predictions]
     for name, values in (("instructions", instructions), ("groups", groups)):
         if values is not None and len(values) != n:
             raise ValueError(f"task {task}: {n} predictions but {len(values)} {name}")
@@ -154,7 +156,7 @@ def compute_task_metrics(task: str, predictions: Sequence[str], references: Sequ
         result = yield_metrics(predictions, references, protocol, ids, groups)
     elif metric_set in ("caption", "procedure"):
         result = text_metrics(predictions, references, protocol, ids, tokenize_fn, wordnet,
-                              levenshtein_shares=metric_set == "procedure")
+                              levenshtein_shares=metric_set == "procedure", end_of_turn=end_of_turn)
     else:
         raise ValueError(f"task {task}: no evaluation for metric set {metric_set!r}")
     missing = [m for m in METRIC_SETS[metric_set] if m not in result]

@@ -22,7 +22,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -36,6 +36,7 @@ from omnimol_jax.eval import answers
 from omnimol_jax.eval.baselines import answer_baselines, train_mean_baselines
 from omnimol_jax.eval.metrics import compute_metrics_from_records
 from omnimol_jax.eval.mol_metrics import PROTOCOL_REFERENCE, PROTOCOLS, mol_to_inchi, parse_selfies
+from omnimol_jax.eval.molecule_sets import canonical_molecules, molecule_set_metrics
 from omnimol_jax.eval.report import PredictionStore, write_report
 from omnimol_jax.eval.wordnet import prefetch_wordnet, wordnet_status
 from omnimol_jax.inference.decoding import GenerationConfig
@@ -229,30 +230,57 @@ def stopped_share(records: Sequence[dict], tokenize_fn) -> dict[str, float]:
     return {"stopped_2x": stopped / len(records)}
 
 
+def train_answer_molecules(data_dir: str, layout: str) -> Callable[[str, str], Optional[set[str]]]:
+    """(task, protocol) -> the canonical SMILES of the task's training answers (None without a training split): the
+    reference set of novelty. Each set is built once."""
+    cache: dict[tuple[str, str], Optional[set[str]]] = {}
+
+    def molecules(task: str, protocol: str) -> Optional[set[str]]:
+        if (task, protocol) not in cache:
+            try:
+                train = readers.open_task(data_dir, task, "train", layout)
+            except (FileNotFoundError, KeyError):
+                train = None
+            cache[task, protocol] = None if train is None or not len(train) else set(canonical_molecules(
+                (str(train[i].get("output", "")) for i in range(len(train))), protocol))
+        return cache[task, protocol]
+
+    return molecules
+
+
 def evaluate_predictions(store, task_ids: dict[str, list[str]], protocols: Sequence[str], tokenize_fn,
-                         beams: int) -> dict:
-    """{task: {protocol: metrics}} from stored predictions (tasks with no prediction are left out)."""
+                         beams: int, end_of_turn: str = answers.EOT,
+                         train_molecules: Optional[Callable[[str, str], Optional[set[str]]]] = None) -> dict:
+    """{task: {protocol: metrics}} from stored predictions (tasks with no prediction are left out); molecule tasks
+    also get the set metrics (uniqueness, novelty against `train_molecules(task, protocol)`, FCD)."""
     results = {}
     for task, ids in task_ids.items():
         present = [i for i in ids if i in store]
         if not present:
             continue
         records = store.for_task(task, order=present)
-        metrics = compute_metrics_from_records(task, records, protocols, tokenize_fn=tokenize_fn)
+        metrics = compute_metrics_from_records(task, records, protocols, tokenize_fn=tokenize_fn,
+                                               end_of_turn=end_of_turn)
         if get_task(task).metric_set == "molecule":
             stopped = stopped_share(records, tokenize_fn)  # the same under both protocols: tokenize once
+            references = [r["reference"] for r in records]
             for protocol in protocols:
                 metrics[protocol].update(stopped)
+                predicted = [answers.protocol_answer(task, a, protocol, end_of_turn)
+                             for a in answers.record_answers(records, protocol)[0]]
+                metrics[protocol].update(molecule_set_metrics(
+                    predicted, references, train_molecules(task, protocol) if train_molecules else None, protocol))
                 if beams > 1:
                     metrics[protocol].update(topk_exact_match(records, protocol, beams))
         results[task] = metrics
     return results
 
 
-def report_conventions(store, task_ids: dict[str, list[str]], protocols: Sequence[str]) -> dict[str, str]:
+def report_conventions(store, task_ids: dict[str, list[str]], protocols: Sequence[str],
+                       end_of_turn: str = answers.EOT) -> dict[str, str]:
     """How answers were read and scored, for the report's header: each protocol's conventions, METEOR's WordNet
     when a text task was scored, and how many records lacked the raw answer the reference protocol reads."""
-    conventions = {protocol: answers.CONVENTIONS[protocol] for protocol in protocols}
+    conventions = {protocol: answers.conventions(protocol, end_of_turn) for protocol in protocols}
     if any(answers.is_text_task(task) for task in task_ids):
         conventions["METEOR"] = wordnet_status()[1]
     if any(get_task(task).metric_set == "procedure" for task in task_ids):
@@ -272,7 +300,7 @@ def _pending_examples(task: str, source, record_ids: list[str], indices: Sequenc
                       config: GenerationConfig, skipped: list[dict], bar) -> list[PendingExample]:
     """The prompts of one task's records still to answer; records that cannot be prompted go to `skipped`."""
     spec = tasks.get_task(task)
-    model_config = session.model.language_model.config
+    model_config = session.language_config
     pending = []
     for i in indices:
         record_id = record_ids[i]
@@ -359,6 +387,12 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
                                                 for k in task_keys)
     session = load_session(options.checkpoint, options.tokenizer, double_bos=options.double_bos,
                            mesh_config=options.mesh, constrained=wants_constraint)
+    if not session.has_graph_tower:
+        needing = [key for key in task_keys if tasks.get_task(key).has_graph]
+        if needing:
+            raise EvalError(f"{options.checkpoint} is a language model without a graph tower; tasks "
+                            f"{', '.join(needing)} read a molecule graph (evaluate a trained Omni-Mol model, or "
+                            "only the text-only tasks: --tasks iupac,textguidedmolgen)")
     out_dir = Path(options.out) if options.out else Path("eval") / session.checkpoint.resolve().name
     settings = _settings(options, session, config)
     _check_settings(out_dir, settings, options.restart)
@@ -398,13 +432,16 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     def tokenize_fn(text: str) -> list[str]:
         return session.tokenizer.tokenizer.encode(text, add_special_tokens=False).tokens
 
-    results = evaluate_predictions(store, task_ids, protocols, tokenize_fn, config.num_beams)
+    end_of_turn = session.tokenizer.end_of_turn
+    results = evaluate_predictions(store, task_ids, protocols, tokenize_fn, config.num_beams, end_of_turn,
+                                   train_answer_molecules(options.data, options.layout))
     if not results:
         raise EvalError("no predictions to score (every record was skipped; see skipped.json)")
-    baselines = train_mean_baselines(results, store, task_ids, options.data, options.layout, protocols, tokenize_fn)
+    baselines = train_mean_baselines(results, store, task_ids, options.data, options.layout, protocols, tokenize_fn,
+                                     end_of_turn)
     baselines.update(answer_baselines(results, store, task_ids, options.data, options.layout, protocols,
-                                      tokenize_fn))
+                                      tokenize_fn, end_of_turn))
     results.update(baselines)
-    paths = write_report(results, out_dir, report_conventions(store, task_ids, protocols))
+    paths = write_report(results, out_dir, report_conventions(store, task_ids, protocols, end_of_turn))
     return EvalResult(out_dir=out_dir, report=paths, predictions=store.path, skipped=len(skipped),
                       generation=generation)

@@ -8,11 +8,11 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from omnimol_jax.checkpoint import ASSETS_DIR, CheckpointError, load_omnimol
+from omnimol_jax.checkpoint import ASSETS_DIR, CheckpointError, load_llama, load_omnimol, read_metadata
 from omnimol_jax.config import MeshConfig
-from omnimol_jax.data.tokenizer import EOS, TokenizerError, load_chat_tokenizer
+from omnimol_jax.data.tokenizer import TokenizerError, load_chat_tokenizer
 from omnimol_jax.errors import InputError
-from omnimol_jax.inference.decoding import Generator
+from omnimol_jax.inference.decoding import Generator, language_config
 from omnimol_jax.inference.number_median import NumberMedianDecoder, number_tokens_for_tokenizer
 from omnimol_jax.inference.selfies_constraint import constraint_for_tokenizer
 from omnimol_jax.sharding import build_mesh
@@ -30,8 +30,16 @@ class InferenceSession:
     meta: dict
     tokenizer: Any
     generator: Any
-    feature_mode: str
+    feature_mode: Optional[str]  # None: a plain language model (no graph tower)
     checkpoint: Path
+
+    @property
+    def language_config(self):
+        return language_config(self.model)
+
+    @property
+    def has_graph_tower(self) -> bool:
+        return self.feature_mode is not None
 
     def decode(self, ids: Sequence[int]) -> str:
         """The clean answer: special tokens dropped, surrounding whitespace stripped."""
@@ -47,39 +55,40 @@ class InferenceSession:
 def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = None, *,
                  double_bos: Optional[bool] = True,
                  mesh_config: Optional[MeshConfig] = None, constrained: bool = False) -> InferenceSession:
-    """Loads a full Omni-Mol checkpoint (sharded over `mesh_config` when given), its tokenizer and a Generator."""
+    """Loads a checkpoint (sharded over `mesh_config` when given), its tokenizer and a Generator: a full Omni-Mol
+    model, or a plain language model (`omnimol import-hf`, `init`), which answers text prompts only."""
     checkpoint = Path(checkpoint)
     mesh = build_mesh(mesh_config) if mesh_config is not None else None
     try:
-        model, meta = load_omnimol(checkpoint, mesh=mesh)
+        _, meta = read_metadata(checkpoint)
+        model = load_omnimol(checkpoint, mesh=mesh)[0] if meta.get("graph") is not None \
+            else load_llama(checkpoint, mesh=mesh)
     except (CheckpointError, FileNotFoundError) as err:
         raise SessionError(str(err)) from None
     tokenizer_source = Path(tokenizer_path) if tokenizer_path else checkpoint / ASSETS_DIR
+    trained_with = meta.get("data", {})
     if double_bos is None:  # not chosen on the command line: follow the training data's convention
-        double_bos = bool(meta.get("data", {}).get("double_bos", True))
+        double_bos = bool(trained_with.get("double_bos", True))
     try:
-        tokenizer = load_chat_tokenizer(tokenizer_source, double_bos=double_bos)
+        tokenizer = load_chat_tokenizer(tokenizer_source, double_bos=double_bos,
+                                        chat_format=trained_with.get("chat_format", "auto"))
     except (FileNotFoundError, TokenizerError) as err:
         raise SessionError(f"tokenizer: {err} (pass --tokenizer, or save the tokenizer into "
                         f"{checkpoint / ASSETS_DIR})") from None
-    config = model.language_model.config
+    config = language_config(model)
     if tokenizer.vocab_size > config.vocab_size:
         raise SessionError(f"the tokenizer at {tokenizer_source} has {tokenizer.vocab_size} tokens, more than the "
                         f"model's vocabulary of {config.vocab_size}")
-    stops = {tokenizer.eot_id}
-    end_of_text = tokenizer.tokenizer.token_to_id(EOS)
-    if end_of_text is not None:
-        stops.add(end_of_text)
     constraint = constraint_for_tokenizer(tokenizer, config.vocab_size) if constrained else None
-    generator = Generator(model, pad_token_id=tokenizer.pad_id, stop_token_ids=sorted(stops), mesh=mesh,
+    generator = Generator(model, pad_token_id=tokenizer.pad_id, stop_token_ids=tokenizer.stop_ids, mesh=mesh,
                           constraint=constraint)
-    feature_mode = (meta.get("graph") or {}).get("feature_mode", "omnimol")
+    feature_mode = (meta.get("graph") or {}).get("feature_mode", "omnimol") if meta.get("graph") is not None else None
     return InferenceSession(model, meta, tokenizer, generator, feature_mode, checkpoint)
 
 
 def number_median_decoder(session: InferenceSession, slots: int):
     """The median number decoder (inference/number_median.py) over the session's generator and tokenizer."""
-    vocab_size = session.model.language_model.config.vocab_size
+    vocab_size = session.language_config.vocab_size
     try:
         number_tokens = number_tokens_for_tokenizer(session.tokenizer, vocab_size)
     except ValueError as err:

@@ -33,10 +33,12 @@ from omnimol_jax.config import Config, save_config
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
 from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
+from omnimol_jax.data.tokenizer import load_chat_tokenizer
 from omnimol_jax.errors import RunError
 from omnimol_jax.graph_batch import node_mask
 from omnimol_jax.model.gin import mean_pairwise_cosine
 from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
+from omnimol_jax.train.backbone import resolve_backbone, tokenizer_folder
 from omnimol_jax.train.checkpoints import RunCheckpoints, abstract_like
 from omnimol_jax.train.config_contract import ConfigChanges, check_resume, describe_changes
 from omnimol_jax.train.hooks import (
@@ -121,12 +123,16 @@ class Trainer:
                     self.say(f"warning: {describe_changes(self.config_changes.ignored)}: not used, the run resumes "
                              "from its own checkpoints")
 
-        self.pipeline = Pipeline(config.data, feature_mode=config.graph.feature_mode)
+        self.backbone = resolve_backbone(config.init, progress=self.progress)
+        self.tokenizer_dir = tokenizer_folder(config.data, self.backbone)
+        tokenizer = load_chat_tokenizer(self.tokenizer_dir, double_bos=config.data.double_bos,
+                                        chat_format=config.data.chat_format)
+        self.pipeline = Pipeline(config.data, tokenizer, feature_mode=config.graph.feature_mode)
         self.task_names = list(self.pipeline.task_keys)
         self.num_tasks = len(self.task_names)
         if self.pipeline.tokenizer.vocab_size > config.model.vocab_size:
-            raise TrainingError(f"the tokenizer has {self.pipeline.tokenizer.vocab_size} tokens but "
-                                f"model.vocab_size is {config.model.vocab_size}")
+            raise TrainingError(f"the tokenizer at {self.tokenizer_dir} has {self.pipeline.tokenizer.vocab_size} "
+                                f"tokens but model.vocab_size is {config.model.vocab_size}")
         self.pipeline.check_records(say=self.say, progress=self.progress and self.process_index == 0)
         self._build_model()
         self.tx, self.schedule = make_optimizer(config.train)
@@ -172,14 +178,20 @@ class Trainer:
                                 "stage 1 trains the projector")
 
     def _initialise_weights(self, model) -> None:
-        init = self.config.init
+        init, backbone = self.config.init, self.backbone
         tower_loaded = False
-        if init.hf:
+        if backbone.kind == "hf":
             from omnimol_jax.convert.hf_llama import load_hf_weights
 
             load_hf_weights(model.language_model, init.hf, progress=self.progress)
             self.say(f"language model weights from {init.hf}")
-        if init.checkpoint:
+        if backbone.kind == "gguf":
+            from omnimol_jax.convert.hf_llama import check_same_architecture
+
+            check_same_architecture(self.config.model, model_ckpt.read_metadata(backbone.weights)[0],
+                                    f"{init.gguf} (imported to {backbone.weights})")
+            self._load_matching(model, str(backbone.weights), lambda key: True)
+        if backbone.kind == "checkpoint":
             tower_loaded = self._load_matching(model, init.checkpoint, lambda key: True)
         if init.moleculestm:
             from omnimol_jax.convert.moleculestm import load_moleculestm
@@ -403,13 +415,14 @@ class Trainer:
     def export(self, state: TrainState, directory: Path) -> Path:
         self._remove_stale_partials(Path(directory).name)
         model = nnx.merge(self.graphdef, self.layout.unflatten(state.trainable), self.frozen)
-        tokenizer_dir = self.config.data.tokenizer_path()
+        tokenizer_dir = self.tokenizer_dir
         model_ckpt.save_omnimol_checkpoint(
             directory, self.config.model, self.config.graph, model, overwrite=True,
             extra_metadata={"source": {"kind": "training", "run": str(self.output_dir.resolve()),
                                        "step": int(state.step)},
                             "tasks": self.task_names,
-                            "data": {"double_bos": self.config.data.double_bos}},
+                            "data": {"double_bos": self.config.data.double_bos,
+                                     "chat_format": self.config.data.chat_format}},
             assets_from=tokenizer_dir if tokenizer_dir.is_dir() else None)
         self.say(f"model checkpoint written to {directory}")
         return directory

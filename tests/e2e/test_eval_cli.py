@@ -37,7 +37,7 @@ def checkpoint(corpus, tmp_path_factory):
     tokenizer = load_chat_tokenizer(corpus / "tokenizer")
     config = dataclasses.replace(model_config_from_preset("tiny", vocab_size=tokenizer.vocab_size,
                                                           initializer_range=0.3),
-                                 bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eot_id,
+                                 bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.end_of_turn_id,
                                  pad_token_id=tokenizer.pad_id)
     graph = GraphConfig(num_layers=2, hidden_size=32)
     model = omnimol_constructor(config, graph, seed=4)()

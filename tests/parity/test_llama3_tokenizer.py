@@ -28,7 +28,7 @@ def test_known_ids_and_the_special_tokens_of_llama_3_2(llama3):
         "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
         "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|reserved_special_token_247|>")}
     assert list(ids.values()) == [128000, 128001, 128004, 128006, 128007, 128008, 128009, 128255]
-    assert (tokenizer.bos_id, tokenizer.eot_id, tokenizer.pad_id) == (128000, 128009, 128004)
+    assert (tokenizer.bos_id, tokenizer.end_of_turn_id, tokenizer.pad_id) == (128000, 128009, 128004)
     assert tokenizer.decode([9906, 1917]) == "Hello world"
 
 

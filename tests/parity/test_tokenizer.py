@@ -8,6 +8,7 @@ import tokenizers
 
 from omnimol_jax import tasks
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from omnimol_jax.data.chat_format import ChatFormatError
 from omnimol_jax.data.tokenizer import (
     LLAMA3_SPECIAL_TOKENS,
     ChatTokenizer,
@@ -36,7 +37,7 @@ def chat(tokenizer_dir):
 def test_special_tokens_in_llama3_order(chat):
     for index, token in enumerate(LLAMA3_SPECIAL_TOKENS):
         assert chat.tokenizer.token_to_id(token) == index
-    assert (chat.bos_id, chat.pad_id, chat.start_header_id, chat.end_header_id, chat.eot_id) == (0, 4, 6, 7, 9)
+    assert (chat.bos_id, chat.pad_id, chat.end_of_turn_id, chat.stop_ids) == (0, 4, 9, (1, 9))
 
 
 def test_every_selfies_symbol_is_one_token(chat):
@@ -96,7 +97,7 @@ def test_encoding_matches_whole_string_encoding_and_labels_cover_only_the_answer
     assert encoded.input_ids.tolist() == _reference_ids(chat, tasks.chat_text(spec, record))
     assert encoded.input_ids[:2].tolist() == [chat.bos_id, chat.bos_id]
     supervised = encoded.labels != IGNORE_INDEX
-    answer_ids = chat.encode(answer) + [chat.eot_id]
+    answer_ids = chat.encode(answer) + [chat.end_of_turn_id]
     assert supervised.sum() == len(answer_ids)
     assert supervised[-len(answer_ids):].all() and not supervised[:-len(answer_ids)].any()
     assert encoded.labels[supervised].tolist() == encoded.input_ids[supervised].tolist() == answer_ids
@@ -129,7 +130,7 @@ def test_two_placeholders_are_rejected(chat):
 def test_pickles_for_worker_processes(chat):
     clone = pickle.loads(pickle.dumps(chat))
     assert clone.encode("[C][C] water") == chat.encode("[C][C] water")
-    assert clone.eot_id == chat.eot_id
+    assert clone.end_of_turn_id == chat.end_of_turn_id and clone.frame == chat.frame
 
 
 def test_loading_errors(tmp_path):
@@ -137,8 +138,10 @@ def test_loading_errors(tmp_path):
         load_chat_tokenizer(tmp_path)
     plain = tokenizers.Tokenizer(tokenizers.models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
     plain.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(TokenizerError, match="no token '<\\|begin_of_text\\|>'"):
+    with pytest.raises(ChatFormatError, match=f"tokenizer {tmp_path} has no chat template"):
         load_chat_tokenizer(tmp_path)
+    with pytest.raises(TokenizerError, match="lacks Llama 3's special tokens"):
+        load_chat_tokenizer(tmp_path, chat_format="llama3")
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
     with pytest.raises(TokenizerError, match="cannot load tokenizer"):

@@ -335,7 +335,7 @@ def test_constrained_outputs_all_decode_to_molecules(chat_tokenizer):
     config = model_config_from_preset("tiny", vocab_size=chat_tokenizer.vocab_size, initializer_range=0.3)
     model = LlamaForCausalLM(config, rngs=nnx.Rngs(5))
     constraint = constraint_for_tokenizer(chat_tokenizer, config.vocab_size)
-    generator = Generator(model, pad_token_id=chat_tokenizer.pad_id, stop_token_ids=[chat_tokenizer.eot_id],
+    generator = Generator(model, pad_token_id=chat_tokenizer.pad_id, stop_token_ids=[chat_tokenizer.end_of_turn_id],
                           constraint=constraint)
     rng = np.random.default_rng(2)
     prompts = [rng.integers(11, config.vocab_size, n).tolist() for n in (4, 9, 6, 12, 3, 7)]
@@ -350,6 +350,6 @@ def test_constrained_outputs_all_decode_to_molecules(chat_tokenizer):
         finished += int(out.finished.sum())
     assert all(_is_molecule(a) for a in answers), [a for a in answers if not _is_molecule(a)]
     assert finished > 0  # some rows chose to stop, others were cut and kept their complete prefix
-    unconstrained = Generator(model, pad_token_id=chat_tokenizer.pad_id, stop_token_ids=[chat_tokenizer.eot_id])
+    unconstrained = Generator(model, pad_token_id=chat_tokenizer.pad_id, stop_token_ids=[chat_tokenizer.end_of_turn_id])
     free = unconstrained.generate(prompts, GenerationConfig(max_new_tokens=24))
     assert not all(_is_molecule(a[0]) for a in decode_answers(free, decode))  # the constraint is what does it

@@ -5,7 +5,12 @@ import json
 
 import pytest
 
-from omnimol_jax.eval.answers import CONVENTIONS, record_answers, reference_answer, split_special_tokens
+from omnimol_jax.eval.answers import (
+    conventions as protocol_conventions,
+    record_answers,
+    reference_answer,
+    split_special_tokens,
+)
 from omnimol_jax.eval.metrics import compute_metrics_from_records
 from omnimol_jax.eval.report import write_report
 
@@ -82,10 +87,14 @@ def test_text_answers_keep_the_eot_for_rouge_and_drop_it_for_bleu_and_meteor():
 
 def test_the_report_states_each_convention(tmp_path):
     results = compute_metrics_from_records("molcap", _records([("An acid.<|eot_id|>", "An acid.", "An acid.", {})]))
-    conventions = {**CONVENTIONS, "METEOR": "NLTK METEOR with WordNet 3.0 synonyms (here)"}
+    conventions = {"reference": protocol_conventions("reference"), "strict": protocol_conventions("strict"),
+                   "METEOR": "NLTK METEOR with WordNet 3.0 synonyms (here)"}
     write_report({"molcap": results}, tmp_path, conventions)
     table = (tmp_path / "metrics.md").read_text()
     assert "- **reference**: answers decoded with special tokens kept" in table
     assert "- **strict**: answers decoded without special tokens" in table
     assert "- **METEOR**: NLTK METEOR with WordNet 3.0" in table
     assert json.loads((tmp_path / "metrics" / "molcap.json").read_text())["conventions"] == conventions
+    assert "ROUGE sees 'eot id'" in conventions["reference"]
+    assert "read the text before the first `<|im_end|>`" in protocol_conventions("reference", "<|im_end|>")
+    assert "ROUGE sees 'im end'" in protocol_conventions("reference", "<|im_end|>")
