@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-slow test-tpu compile lint install clean bench bench-device
+.PHONY: demo demo-pretrained test test-slow test-tpu compile lint install clean bench bench-device
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	bash launch/demo.sh $(DEMO_DIR)
+
+# The paper's recipe on a real pretrained LLM (SmolLM2-135M-Instruct from its wheel): stage 1, stage 2, eval
+demo-pretrained: $(STAMP)
+	bash launch/demo_pretrained.sh runs/demo_pretrained
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadgroup $(PYTEST_ARGS) tests

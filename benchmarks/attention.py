@@ -31,7 +31,7 @@ from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.model import attention
 from omnimol_jax.sharding import build_mesh, use_mesh
-from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.recipes import run_trainable_filter
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, run_step_functions
 
 
@@ -145,7 +145,7 @@ def main() -> None:
     step_results = {}
     if not args.no_step:
         mesh = build_mesh(dataclasses.replace(config.mesh, data=1), devices=jax.devices()[:1])
-        trainable = trainable_filter(config.train.stage, config.train.unfreeze)
+        trainable = run_trainable_filter(config)
         impls = {"einsum": ("einsum", model_config.attention_block),
                  f"blockwise_{model_config.attention_block}": ("blockwise", model_config.attention_block)}
         impls.update({f"block_sparse_{b}": ("block_sparse", b) for b in blocks})

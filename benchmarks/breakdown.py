@@ -28,7 +28,7 @@ from omnimol_jax.aot.programs import host_batch
 from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import load_config
 from omnimol_jax.model.llama import LayerInputs, rope_inverse_frequencies
-from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.recipes import run_trainable_filter
 from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, run_step_functions
 
 
@@ -73,7 +73,7 @@ def main() -> None:
     config = load_config(args.config, args.overrides)
     model_config, data = config.model, config.data
     model = omnimol_constructor(model_config, config.graph, seed=0)()
-    trainable = trainable_filter(config.train.stage, config.train.unfreeze)
+    trainable = run_trainable_filter(config)
     lm = model.language_model
     rows, seq, dim = data.batch_size, data.seq_len, model_config.hidden_size
     rng = np.random.default_rng(0)

@@ -206,6 +206,12 @@ def get_task(key: str) -> TaskSpec:
         raise KeyError(f"unknown task {key!r}; known tasks: {', '.join(TASK_KEYS)}") from None
 
 
+def without_graph(spec: TaskSpec) -> TaskSpec:
+    """The task as text only: no graph placeholder, no graph (the molecule still appears as SELFIES in the text).
+    The ablation of graph tokens (data.graph_tokens=false), and a plain language model's view of a task."""
+    return dataclasses.replace(spec, graph_rule=RULE_NONE)
+
+
 def default_instruction(key: str) -> Optional[str]:
     """The standard instruction of a task, None when it has none."""
     options = INSTRUCTIONS.get(key)

@@ -28,7 +28,7 @@ from omnimol_jax.inference.decoding import GenerationConfig, Generator, build_pr
 from omnimol_jax.sharding import batch_sharding, build_mesh, state_shardings, use_mesh
 from omnimol_jax.tasks import PAPER_TASKS, TASK_KEYS
 from omnimol_jax.train.flops import step_costs
-from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.recipes import run_trainable_filter
 from omnimol_jax.train.step import (
     StateLayout,
     TrainState,
@@ -213,7 +213,7 @@ def compile_train_step(config: Config, target: Target) -> ProgramReport:
     abstract_model = nnx.eval_shape(model_ckpt.omnimol_constructor(config.model, config.graph, seed=config.seed))
     graphdef, abstract_state = nnx.split(abstract_model)
     model = nnx.merge(graphdef, _with_shardings(abstract_state, state_shardings(abstract_state, mesh)))
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(config.train.stage, config.train.unfreeze), ...)
+    graphdef, trainable, frozen = nnx.split(model, run_trainable_filter(config), ...)
     layout = StateLayout.of(trainable)
     flat_trainable = flatten_state(trainable)
     tx, schedule = make_optimizer(config.train)

@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if program:  # before jax starts: XLA:CPU's GEMM back-end (cpu_gemm.py)
+        from omnimol_jax import cpu_gemm
+
+        cpu_gemm.apply()
     if program and getattr(args, "compile_cache", True):  # reuse compiled programs across runs (caches.py)
         from omnimol_jax.caches import enable_compilation_cache
 

@@ -152,9 +152,7 @@ def run_generate(args: argparse.Namespace) -> int:
               f"{spec.output_type}", file=sys.stderr)
     session = load_session(args.checkpoint, args.tokenizer, double_bos=False if args.single_bos else None,
                            mesh_config=_mesh(args.mesh), constrained=constrained)
-    if spec.has_graph and not session.has_graph_tower:
-        raise UsageError(f"{args.checkpoint} is a language model without a graph tower; task {spec.key} reads a "
-                         "molecule graph (use --prompt, or a trained Omni-Mol model)")
+    spec = session.task_view(spec)  # text only for a plain language model or one trained without graph tokens
     try:
         ids, graph = prompt_ids(spec, record, session.tokenizer, session.feature_mode)
     except ValueError as err:

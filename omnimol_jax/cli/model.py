@@ -68,6 +68,9 @@ def _info(args) -> int:
     from omnimol_jax.allocator import SWITCH, in_use
 
     print(f"# malloc: {in_use()} (set {SWITCH}=system for glibc's)")
+    from omnimol_jax import cpu_gemm
+
+    print(f"# XLA:CPU matmuls: {cpu_gemm.in_effect()} (set {cpu_gemm.SWITCH}=default for XLA's own)")
     import jax
 
     from omnimol_jax.caches import SWITCH as CACHE_SWITCH

@@ -246,6 +246,8 @@ class DataConfig:
     # How a conversation is written: llama3 = the Omni-Mol Llama-3 conversation (what released checkpoints saw);
     # template = the tokenizer's own chat template; auto = llama3 for a tokenizer with Llama 3's header tokens.
     chat_format: str = "auto"
+    # false: no graph tokens, molecules reach the model as SELFIES text only (the ablation of the graph modality)
+    graph_tokens: bool = True
     seq_len: int = 512  # tokens per row (graph slots included)
     batch_size: int = 8  # rows per batch on this process
     batching: str = "pack"  # pack | bucket | pad
@@ -390,7 +392,9 @@ class InitConfig:
     gguf: Optional[str] = None
     checkpoint: Optional[str] = None     # an omnimol model checkpoint (language-model-only or full Omni-Mol)
     moleculestm: Optional[str] = None    # MoleculeSTM `molecule_model.pth` for the graph tower
-    projector: Optional[str] = None      # a full Omni-Mol checkpoint (e.g. stage 1's) to take the projector from
+    # a full Omni-Mol checkpoint (e.g. stage 1's) to take the projector from, and the graph tower unless moleculestm
+    # gives one (a stage-1 run without MoleculeSTM weights trains its tower: train.graph_tower=auto)
+    projector: Optional[str] = None
 
     def validate(self) -> None:
         given = [f"init.{k}" for k in ("hf", "gguf", "checkpoint") if getattr(self, k)]
@@ -406,6 +410,10 @@ class TrainConfig:
     # Regexes over '/'-joined parameter paths that train on top of the stage's set (e.g. ["language_model",
     # "graph_tower"] for a from-scratch model). Empty = the paper's recipe: the backbone stays frozen.
     unfreeze: list[str] = dataclasses.field(default_factory=list)
+    # The graph tower: "stage" = as the stage says (frozen, as the paper's MoleculeSTM tower) plus train.unfreeze;
+    # "auto" = trained too when it starts random (no init.moleculestm, none from init.projector / a full
+    # init.checkpoint), frozen when pretrained weights are loaded; "always" = trained.
+    graph_tower: Literal["stage", "auto", "always"] = "stage"
     output_dir: str = "runs/omnimol"
     max_steps: int = 1000                # optimizer steps
     learning_rate: float = 8e-5

@@ -88,9 +88,9 @@ def read_gguf_config(path: Path) -> dict:
     loader = _transformers_gguf()
     try:
         parsed = loader.load_gguf_checkpoint(str(path), return_tensors=False)
-    except ValueError as err:  # transformers: "GGUF model with architecture X is not supported yet"
-        raise GGUFError(f"{path}: {err}") from None
     except Exception as err:  # noqa: BLE001 - gguf raises assorted errors on a file that is not GGUF
+        if isinstance(err, ValueError) and "architecture" in str(err):  # transformers: "... is not supported yet"
+            raise GGUFError(f"{path}: {err} (only Llama-architecture GGUF files import)") from None
         raise GGUFError(f"{path}: not a readable GGUF file ({type(err).__name__}: {err})") from None
     config = dict(parsed["config"])
     if config.get("model_type") != "llama":

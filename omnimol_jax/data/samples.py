@@ -34,7 +34,8 @@ class SampleBuilder:
 
     def __init__(self, task_keys: Sequence[str], sources: Sequence[readers.TaskRecords], tokenizer: ChatTokenizer,
                  config: DataConfig, feature_mode: str):
-        self.specs = [tasks.get_task(k) for k in task_keys]
+        self.specs = [tasks.get_task(k) if config.graph_tokens else tasks.without_graph(tasks.get_task(k))
+                      for k in task_keys]
         self.sources = list(sources)
         self.tokenizer = tokenizer
         self.config = config

@@ -119,6 +119,7 @@ def _settings(options: EvalOptions, session: InferenceSession, config: Generatio
     return {"checkpoint": str(session.checkpoint.resolve()), "decoding": dataclasses.asdict(config),
             "mbr_samples": options.mbr_samples, "number_median": options.number_median,
             "constrained": bool(options.constrained), "double_bos": session.tokenizer.double_bos,
+            "text_only": not (session.has_graph_tower and session.graph_tokens),
             "tokenizer": str(Path(options.tokenizer).resolve()) if options.tokenizer else None}
 
 
@@ -299,7 +300,7 @@ def report_conventions(store, task_ids: dict[str, list[str]], protocols: Sequenc
 def _pending_examples(task: str, source, record_ids: list[str], indices: Sequence[int], session: InferenceSession,
                       config: GenerationConfig, skipped: list[dict], bar) -> list[PendingExample]:
     """The prompts of one task's records still to answer; records that cannot be prompted go to `skipped`."""
-    spec = tasks.get_task(task)
+    spec = session.task_view(tasks.get_task(task))
     model_config = session.language_config
     pending = []
     for i in indices:
@@ -387,12 +388,10 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
                                                 for k in task_keys)
     session = load_session(options.checkpoint, options.tokenizer, double_bos=options.double_bos,
                            mesh_config=options.mesh, constrained=wants_constraint)
-    if not session.has_graph_tower:
-        needing = [key for key in task_keys if tasks.get_task(key).has_graph]
-        if needing:
-            raise EvalError(f"{options.checkpoint} is a language model without a graph tower; tasks "
-                            f"{', '.join(needing)} read a molecule graph (evaluate a trained Omni-Mol model, or "
-                            "only the text-only tasks: --tasks iupac,textguidedmolgen)")
+    if not (session.has_graph_tower and session.graph_tokens):
+        logger.warning("%s reads no graphs (%s): every task is prompted as text, molecules as SELFIES",
+                       options.checkpoint, "a plain language model" if not session.has_graph_tower
+                       else "trained with data.graph_tokens=false")
     out_dir = Path(options.out) if options.out else Path("eval") / session.checkpoint.resolve().name
     settings = _settings(options, session, config)
     _check_settings(out_dir, settings, options.restart)

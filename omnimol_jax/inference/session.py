@@ -32,6 +32,13 @@ class InferenceSession:
     generator: Any
     feature_mode: Optional[str]  # None: a plain language model (no graph tower)
     checkpoint: Path
+    graph_tokens: bool = True    # False: trained with data.graph_tokens=false, molecules as text only
+
+    def task_view(self, spec):
+        """The task as this model reads it: with its graph, or as text only (no tower, or trained without graphs)."""
+        from omnimol_jax.tasks import without_graph
+
+        return spec if self.has_graph_tower and self.graph_tokens else without_graph(spec)
 
     @property
     def language_config(self):
@@ -83,7 +90,8 @@ def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = 
     generator = Generator(model, pad_token_id=tokenizer.pad_id, stop_token_ids=tokenizer.stop_ids, mesh=mesh,
                           constraint=constraint)
     feature_mode = (meta.get("graph") or {}).get("feature_mode", "omnimol") if meta.get("graph") is not None else None
-    return InferenceSession(model, meta, tokenizer, generator, feature_mode, checkpoint)
+    return InferenceSession(model, meta, tokenizer, generator, feature_mode, checkpoint,
+                            graph_tokens=bool(trained_with.get("graph_tokens", True)))
 
 
 def number_median_decoder(session: InferenceSession, slots: int):

@@ -55,7 +55,7 @@ from omnimol_jax.train.hooks import (
     UntilStepHook,
 )
 from omnimol_jax.train.metrics_log import MetricLogger, plot_run
-from omnimol_jax.train.recipes import trainable_filter
+from omnimol_jax.train.recipes import run_trainable_filter
 from omnimol_jax.train.run_directory import RunDirectory
 from omnimol_jax.train.step import (
     StateLayout,
@@ -151,7 +151,7 @@ class Trainer:
         cfg = self.config
         constructor = model_ckpt.omnimol_constructor(cfg.model, cfg.graph, seed=cfg.seed)
         model = create_sharded_model(constructor, self.mesh)
-        trains = trainable_filter(cfg.train.stage, cfg.train.unfreeze)
+        trains = run_trainable_filter(cfg)
         frozen_dir = self.output_dir / "frozen"
         if self.resuming:
             if not (frozen_dir / model_ckpt.META_FILE).is_file():
@@ -199,8 +199,9 @@ class Trainer:
             load_moleculestm(model.graph_tower, init.moleculestm)
             tower_loaded = True
             self.say(f"graph tower weights from {init.moleculestm}")
-        if init.projector:
-            self._load_matching(model, init.projector, lambda key: key[0] == "projector")
+        if init.projector:  # stage 1's graph side: its projector, and its tower unless MoleculeSTM's is given
+            parts = ("projector",) if init.moleculestm else ("projector", "graph_tower")
+            tower_loaded = self._load_matching(model, init.projector, lambda key: key[0] in parts) or tower_loaded
         if not tower_loaded and self.config.graph.calibration_graphs > 0:
             self._calibrate_graph_tower(model)
 
@@ -422,7 +423,8 @@ class Trainer:
                                        "step": int(state.step)},
                             "tasks": self.task_names,
                             "data": {"double_bos": self.config.data.double_bos,
-                                     "chat_format": self.config.data.chat_format}},
+                                     "chat_format": self.config.data.chat_format,
+                                     "graph_tokens": self.config.data.graph_tokens}},
             assets_from=tokenizer_dir if tokenizer_dir.is_dir() else None)
         self.say(f"model checkpoint written to {directory}")
         return directory

@@ -350,6 +350,7 @@ def test_constrained_outputs_all_decode_to_molecules(chat_tokenizer):
         finished += int(out.finished.sum())
     assert all(_is_molecule(a) for a in answers), [a for a in answers if not _is_molecule(a)]
     assert finished > 0  # some rows chose to stop, others were cut and kept their complete prefix
-    unconstrained = Generator(model, pad_token_id=chat_tokenizer.pad_id, stop_token_ids=[chat_tokenizer.end_of_turn_id])
+    unconstrained = Generator(model, pad_token_id=chat_tokenizer.pad_id,
+                              stop_token_ids=[chat_tokenizer.end_of_turn_id])
     free = unconstrained.generate(prompts, GenerationConfig(max_new_tokens=24))
     assert not all(_is_molecule(a[0]) for a in decode_answers(free, decode))  # the constraint is what does it
