@@ -399,3 +399,17 @@ def test_a_missing_task_file_names_what_was_looked_for_and_what_is_there(tmp_pat
     message = str(info.value)
     assert "looked for weight.json, Molecular_Weight.json, *3d_moit*.json" in message
     assert "the folder has LogP.json" in message
+
+
+def test_without_graph_tokens_molecules_are_text_only(data_dir, tokenizer):
+    """data.graph_tokens=false (the graph ablation): no placeholder, no graph slot, no atom; the SELFIES stays."""
+    with_graphs = Pipeline(make_config(data_dir, tasks="homolumo"), tokenizer)
+    without = Pipeline(make_config(data_dir, tasks="homolumo", graph_tokens=False), tokenizer)
+    record = with_graphs.sources[0][0]
+    sample, text_only = with_graphs.builder.build(0, 0), without.builder.build(0, 0)
+    assert (sample["input_ids"] == IMAGE_TOKEN_ID).sum() > 0 and len(sample["node_features"]) > 0
+    assert (text_only["input_ids"] != IMAGE_TOKEN_ID).all() and len(text_only["node_features"]) == 0
+    assert tokenizer.decode(text_only["input_ids"]).count(record["input"]) == 1
+    spec = tasks.without_graph(tasks.get_task("homolumo"))
+    assert tasks.user_message(spec, record) == tasks.user_text(spec, record)  # no "<image>\n" line
+    assert without.calibration_graphs(8) == []  # a random tower has nothing to calibrate on

@@ -98,3 +98,17 @@ def test_the_report_states_each_convention(tmp_path):
     assert "ROUGE sees 'eot id'" in conventions["reference"]
     assert "read the text before the first `<|im_end|>`" in protocol_conventions("reference", "<|im_end|>")
     assert "ROUGE sees 'im end'" in protocol_conventions("reference", "<|im_end|>")
+
+
+def test_a_chatml_model_is_read_at_its_own_end_of_turn():
+    """The reference protocol cuts at the model tokenizer's end-of-turn token (`<|im_end|>` for SmolLM2's ChatML):
+    the same scores as a Llama-3 model whose answers end in `<|eot_id|>`."""
+    assert reference_answer("forward", "[C][C][O]<|im_end|>\n", "<|im_end|>") == "[C][C][O]"
+    assert reference_answer("forward", "[C][C][O]<|im_end|>\n") == "[C][C][O]<|im_end|>\n"  # not Llama 3's token
+    for task, answer, reference in (("forward", "[C][C][O]", "[C][C][O]"),
+                                    ("molcap", "An acid found in milk.", "It is an acid found in milk."),
+                                    ("weight", "46.07", "The molecular weight is 46.07 g/mol.")):
+        llama3 = compute_metrics_from_records(task, _records([(answer + "<|eot_id|>", answer, reference, {})]))
+        chatml = compute_metrics_from_records(task, _records([(answer + "<|im_end|>", answer, reference, {})]),
+                                              end_of_turn="<|im_end|>")
+        assert chatml == llama3, task
