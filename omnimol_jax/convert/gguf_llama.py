@@ -165,26 +165,35 @@ def open_gguf_llama(path: str | Path, dtype: Optional[str] = None) -> GGUFLlama:
     return GGUFLlama(path, hf_config, config, tensors, processor)
 
 
-def save_gguf_tokenizer(path: Path, out: Path) -> list[str]:
-    """The file's tokenizer with its chat template (transformers' GGUF tokenizer loader) as a HF tokenizer folder,
-    and a generation_config.json with its special token ids."""
-    from transformers import AutoTokenizer, GenerationConfig
+def gguf_tokenizer(path: Path):
+    """The file's tokenizer with its chat template, as transformers' GGUF tokenizer loader builds it; None (with a
+    warning) for a file that carries none: its weights still import, and data.tokenizer can name a tokenizer."""
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as err:  # noqa: BLE001
-        raise GGUFError(f"{path}: transformers cannot build its tokenizer: {type(err).__name__}: {err}") from None
-    written = tokenizer.save_pretrained(str(out))
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:  # noqa: BLE001 - transformers raises ValueError / OSError / KeyError here
+        logger.warning("%s: no tokenizer imported (transformers: %s: %s); give one with data.tokenizer", path,
+                       type(err).__name__, err)
+        return None
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """A HF tokenizer folder (tokenizer, its config, the chat template) and a generation_config.json with its
+    special token ids."""
+    from transformers import GenerationConfig
+
+    tokenizer.save_pretrained(str(out))
     ids = {k: v for k, v in (("bos_token_id", tokenizer.bos_token_id), ("eos_token_id", tokenizer.eos_token_id),
                              ("pad_token_id", tokenizer.pad_token_id)) if v is not None}
     GenerationConfig(**ids).save_pretrained(str(out))
-    return [Path(p).name for p in written] + ["generation_config.json"]
 
 
 def import_gguf(gguf_file: str | Path, out: str | Path, dtype: Optional[str] = None, overwrite: bool = False,
                 progress: bool = True) -> Path:
     """GGUF Llama -> omnimol checkpoint at `out` (fp32 unless `dtype`), with the tokenizer in hf_assets/."""
     model = open_gguf_llama(gguf_file, dtype)
+    tokenizer = gguf_tokenizer(model.path)
     out = Path(out)
     target_dtype = NUMPY_DTYPES[model.config.param_dtype]
     with atomic_directory(out, overwrite=overwrite) as tmp:
@@ -199,7 +208,8 @@ def import_gguf(gguf_file: str | Path, out: str | Path, dtype: Optional[str] = N
         write_metadata(tmp, model.config, {"source": {"kind": "gguf", "path": str(model.path.resolve()),
                                                       "bytes": stat.st_size,
                                                       "general_name": model.hf_config.get("_model_name_or_path")}})
-        save_gguf_tokenizer(model.path, tmp / ASSETS_DIR)
+        if tokenizer is not None:
+            save_tokenizer(tokenizer, tmp / ASSETS_DIR)
     return out
 
 
