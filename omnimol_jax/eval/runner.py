@@ -41,6 +41,7 @@ from omnimol_jax.eval.report import PredictionStore, write_report
 from omnimol_jax.eval.wordnet import prefetch_wordnet, wordnet_status
 from omnimol_jax.inference.decoding import GenerationConfig
 from omnimol_jax.inference.mbr import l1_medoid
+from omnimol_jax.inference.number_median import decoding_memory_budget
 from omnimol_jax.inference.prompt_buckets import plan_batch_lengths
 from omnimol_jax.inference.session import InferenceSession, load_session, number_median_decoder, record_seed
 from omnimol_jax.tasks import get_task
@@ -345,9 +346,11 @@ def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, se
     for (key, batch), bucket in zip(batches, buckets):
         decoder = decoders[key]
         bar.set_postfix_str(key)
-        if decoder == "median":
-            records = _median_prediction_records(batch, session, median_decoder, options.batch_size,
-                                                 config.max_new_tokens, bucket)
+        if decoder == "median":  # K cache rows per prompt: as many prompts per call as the memory holds
+            size = min(options.batch_size, median_decoder.max_prompts(bucket, config.max_new_tokens,
+                                                                      decoding_memory_budget()))
+            records = [r for part in _batches(batch, size) for r in _median_prediction_records(
+                part, session, median_decoder, size, config.max_new_tokens, bucket)]
         elif decoder == "mbr":
             records = _mbr_prediction_records(batch, session, mbr_config, options.mbr_samples,
                                               options.batch_size * options.mbr_samples, bucket)

@@ -45,7 +45,7 @@ from omnimol_jax.inference.decoding import (
     forward_last,
     language_config,
 )
-from omnimol_jax.model.kv_cache import gather_cache, init_kv_cache, tile_cache
+from omnimol_jax.model.kv_cache import gather_cache, init_kv_cache, kv_cache_bytes, tile_cache
 from omnimol_jax.sharding import use_mesh
 
 _DIGITS = re.compile(r"\d+")
@@ -249,6 +249,17 @@ class NumberMedianDecoder:
         # A pruned prefix one token longer is worth about this many times more (10 for one-digit tokens).
         self._token_scale = 10 ** max(len(number_tokens.texts[i]) for i in self._digit_ids)
 
+    def cache_length(self, bucket: int, max_new_tokens: int) -> int:
+        """Cache slots per row: the prompt, the answer, and the slots that enumeration steps and replays write and
+        the answer does not keep (room for four numbers)."""
+        return bucket + max_new_tokens + 4 * (2 * self.max_integer_tokens + 1)
+
+    def max_prompts(self, bucket: int, max_new_tokens: int, budget_bytes: int) -> int:
+        """How many prompts one call may take for its K cache rows each to fit `budget_bytes` (at least 1): with a
+        30-layer model, 24 prompts x 16 rows x ~1100 slots is a 19 GB cache."""
+        per_prompt = kv_cache_bytes(self.generator.config, self.slots, self.cache_length(bucket, max_new_tokens))
+        return max(1, budget_bytes // per_prompt)
+
     def _order_fraction_tokens(self) -> np.ndarray:
         """Digit columns sorted by the value they add as a fraction ("05" = 0.05 < "5" = 0.5 = "50")."""
         texts = [self.tokens.texts[i] for i in self._digit_ids]
@@ -269,8 +280,7 @@ class NumberMedianDecoder:
                                    min_bucket=gen.min_prompt_bucket, record_ids=record_ids,
                                    graph_feature_widths=gen.graph_feature_widths)
         prompt_rows, bucket = batch.input_ids.shape
-        # Enumeration steps and replays write cache slots that the answer does not keep: room for four numbers.
-        cache_length = bucket + max_new_tokens + 4 * (2 * self.max_integer_tokens + 1)
+        cache_length = self.cache_length(bucket, max_new_tokens)
         with use_mesh(gen.mesh):
             summary, cache = _prefill(gen.graphdef, self.slots, cache_length, gen.state, batch.input_ids,
                                       batch.attention_mask, batch.graphs, self._table_ids, self._digit_mask)
@@ -489,3 +499,15 @@ def number_tokens_for_tokenizer(tokenizer, vocab_size: int) -> NumberTokens:
     from omnimol_jax.inference.selfies_constraint import tokenizer_token_texts
 
     return NumberTokens.from_texts(tokenizer_token_texts(tokenizer, vocab_size))
+
+
+def decoding_memory_budget(fraction: float = 0.2) -> int:
+    """Bytes a decoding cache may take: `fraction` of the accelerator's memory, or of the host's on CPU (the median
+    decoder also gathers a second copy of its cache each step)."""
+    device = jax.devices()[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return int(fraction * stats["bytes_limit"])
+    import os
+
+    return int(fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -46,6 +46,12 @@ def init_kv_cache(config: ModelConfig, batch_size: int, max_length: int, dtype: 
     )
 
 
+def kv_cache_bytes(config: ModelConfig, batch_size: int, max_length: int, dtype: Any = None) -> int:
+    """Bytes of the keys and values `init_kv_cache(config, batch_size, max_length, dtype)` allocates."""
+    itemsize = jnp.dtype(dtype or dtype_of(config.dtype)).itemsize
+    return 2 * config.num_layers * batch_size * max_length * config.num_kv_heads * config.head_dim * itemsize
+
+
 def kv_cache_logical_axes(config: ModelConfig) -> KVCache:
     """The cache's logical axes, mirroring its structure (for shardings of decode functions)."""
     layer = tuple(CACHE_AXES for _ in range(config.num_layers))

@@ -201,3 +201,17 @@ def test_pruned_decoding_still_answers_a_number(model, generator):
     assert 0 < number["found_mass"] < 1
     digits = "".join(texts[i] for i in answer.ids[:len(number["integer"])])
     assert digits.startswith(integer) and digits.isdigit()
+
+
+def test_a_call_takes_as_many_prompts_as_their_cache_rows_fit(generator):
+    """The eval splits median batches by memory (a 30-layer model's 24 x 16 cache rows did not fit 24 GB)."""
+    from omnimol_jax.model.kv_cache import init_kv_cache, kv_cache_bytes
+
+    digits = NumberTokens.from_texts(_texts({i: str(i) for i in range(10)}))
+    decoder = NumberMedianDecoder(generator, digits, slots=4)
+    config = generator.config
+    cache = init_kv_cache(config, 4, decoder.cache_length(32, 16))
+    per_prompt = sum(x.nbytes for x in cache.keys + cache.values)
+    assert kv_cache_bytes(config, 4, decoder.cache_length(32, 16)) == per_prompt
+    assert decoder.max_prompts(32, 16, budget_bytes=10 * per_prompt + 1) == 10
+    assert decoder.max_prompts(32, 16, budget_bytes=per_prompt // 2) == 1  # never zero
