@@ -276,10 +276,10 @@ ARCHITECTURE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_la
 
 def check_same_architecture(ours: ModelConfig, theirs: ModelConfig, source) -> None:
     """HFConversionError listing every architecture field in which `source`'s model differs from the configured one."""
-    different = [f"model.{f}: {getattr(ours, f)} in the config, {getattr(theirs, f)} in {source}"
+    different = [f"model.{f} is {getattr(ours, f)} in the config, {getattr(theirs, f)} there"
                  for f in ARCHITECTURE_FIELDS if getattr(ours, f) != getattr(theirs, f)]
     if different:
-        raise HFConversionError(f"{source} does not fit the configured model:\n  " + "\n  ".join(different))
+        raise HFConversionError(f"{source} does not fit the configured model: " + "; ".join(different))
 
 
 def load_hf_weights(language_model, hf_dir: str | Path, progress: bool = True) -> ModelConfig:

@@ -346,9 +346,9 @@ BAD_INPUTS = [
                               "--out", "{tmp}/eval"],
      lambda t: _list_prediction(t["tmp"] / "eval"), ["predictions.jsonl:1: 'prediction' must be a string, got list"],
      2),
-    ("generate-from-a-language-model-only-checkpoint", ["generate", "--checkpoint", "{lm_only}", "--task", "logp",
+    ("generate-from-a-language-model-without-a-tokenizer", ["generate", "--checkpoint", "{lm_only}", "--task", "logp",
                                                         "--input", "CCO"], None,
-     ["holds a language model only", "omnimol init --full"], 2),
+     ["no tokenizer.json at", "pass --tokenizer"], 2),
 ]
 
 
