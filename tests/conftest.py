@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # A persistent compilation cache shared by both xdist workers and the subprocesses of e2e tests: many tests
 # compile the same tiny train and decode steps (each Trainer builds fresh closures, so jit's in-memory cache
 # misses). Programs compiling in under a second are not stored. Results are bitwise those of a fresh compile.
+# Subprocesses of the `omnimol` program would add oneDNN to XLA_FLAGS (cpu_gemm.py), and JAX keys its cache by the
+# flags: they would miss every program the in-process tests stored. tests/unit/test_cpu_gemm.py checks the choice.
+os.environ.setdefault("OMNIMOL_GEMM", "default")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax_compilation_cache"))
 

@@ -116,8 +116,11 @@ def single_device(corpus, tmp_path_factory):
     return config, result, frozen
 
 
-@pytest.mark.parametrize("mesh", [(8, 1, 1, 1), (2, 2, 2, 1), (2, 1, 1, 4)], ids=["data8", "data2-fsdp2-tensor2",
-                                                                                   "data2-expert4"])
+# data2-fsdp2-tensor2 runs by default (data, fsdp and tensor axes at once); pure data parallelism is also what
+# test_multiprocess checks across processes, and expert sharding is checked layer by layer in test_moge.
+@pytest.mark.parametrize("mesh", [pytest.param((8, 1, 1, 1), id="data8", marks=pytest.mark.slow),
+                                  pytest.param((2, 2, 2, 1), id="data2-fsdp2-tensor2"),
+                                  pytest.param((2, 1, 1, 4), id="data2-expert4", marks=pytest.mark.slow)])
 def test_sharded_training_matches_single_device(single_device, tmp_path, mesh):
     config, single, frozen_single = single_device
     overrides = [f"mesh.{axis}={size}" for axis, size in zip(("data", "fsdp", "tensor", "expert"), mesh)]
