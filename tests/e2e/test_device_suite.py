@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the device suite's own run on a GPU machine is its real check
 def test_the_device_suite_smoke_run_writes_every_figure(tmp_path):
     out = tmp_path / "suite.json"
     env = {**os.environ, "PYTHON": sys.executable, "XLA_FLAGS": ""}

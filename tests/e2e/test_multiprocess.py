@@ -65,6 +65,7 @@ def losses(run_dir: Path, kind: str = "train") -> list[float]:
     return [r["loss"] for r in rows if r.get("kind", "train") == kind and "loss" in r]
 
 
+@pytest.mark.slow  # three training processes compiling cold: ~2 min of the 20-minute CI budget
 def test_two_processes_train_like_one(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus)
     single = subprocess.run(train_command(config, tmp_path / "single"), env=environment(4), capture_output=True,

@@ -181,6 +181,7 @@ def test_resume_with_a_shape_change_stops_with_the_key_diff(finished, corpus, tm
     assert {p: (run_dir / p).read_bytes() for p in before} == before and tree(run_dir) == files
 
 
+@pytest.mark.slow  # resuming is checked exactly by test_train (stop, SIGTERM); this adds a changed max_steps
 def test_resume_with_more_steps_applies_the_change_and_logs_it(finished, corpus, tmp_path, capsys):
     config, run_dir = copy_run(finished, corpus, tmp_path, max_steps=5, log_every=2)
     assert cli_main(["train", "--config", str(config), "--no-progress"]) == 0

@@ -137,6 +137,7 @@ def test_sharded_training_matches_single_device(single_device, tmp_path, mesh):
         assert expert_a.sharding.spec[0] == "expert"
 
 
+@pytest.mark.slow  # the every-checkpoint-unusable case of test_run_safety walks the same fallback
 def test_corrupt_latest_checkpoint_falls_back_with_a_warning(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", checkpoint_every=2)
     _, first = run(config, until_step=4)
@@ -185,6 +186,7 @@ def test_stage1_trains_only_the_projector(corpus, tmp_path):
     assert all(not np.array_equal(v, initial[k]) for k, v in trainable(result).items())
 
 
+@pytest.mark.slow  # test_remat's unfrozen-backbone recipe trains through train.unfreeze by default
 def test_unfreeze_trains_the_matching_backbone_parameters(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", max_steps=2,
                           unfreeze=["language_model/(embed_tokens|norm)/", "graph_tower/atom_encoder/"])
@@ -206,6 +208,7 @@ def test_unfreeze_trains_the_matching_backbone_parameters(corpus, tmp_path):
         load_config(config, ["train.unfreeze=[(]"])
 
 
+@pytest.mark.slow  # a whole traced run (a TensorBoard profile of two steps)
 def test_profile_steps_write_a_trace_of_the_requested_steps(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", max_steps=3, profile_steps="1:3")
     messages: list[str] = []

@@ -137,6 +137,7 @@ def omnimol(*args: str) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+@pytest.mark.slow  # cold compiles of the 30-layer model: ~6 min of the 20-minute CI budget
 def test_both_stages_train_on_the_real_model_and_export_to_transformers(checkpoint, tmp_path):
     """configs/smollm2_stage1.yaml then smollm2_stage2.yaml, two steps each on a small built-in corpus; the stage-2
     model (MoGE) exported as a Qwen2-MoE folder that stock transformers loads with our logits."""

@@ -72,6 +72,7 @@ def test_a_tpu_slice_compiles_when_libtpu_is_installed():
     assert reports[0].fits and reports[0].flops > 0 and reports[0].code_bytes > 0
 
 
+@pytest.mark.slow  # test_scan_layers counts every layer and loss chunk at one micro batch
 def test_the_reported_flops_count_every_micro_batch_and_loss_chunk():
     """XLA counts a loop body once; the report counts the accumulation loop and the loss chunks in full: two
     micro-batches cost twice one (the optimizer update aside), and chunking the loss changes nothing."""

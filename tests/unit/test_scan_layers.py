@@ -84,7 +84,7 @@ def losses_and_gradients(model_config):
 
 @pytest.mark.parametrize("moe_layers, remat", [
     ((4, 5), "none"),                                  # a dense group and a MoGE group
-    ((2, 5), "dots_with_no_batch_dims"),               # one group of blocks DDM, remat inside the scan
+    pytest.param((2, 5), "dots_with_no_batch_dims", marks=pytest.mark.slow),  # blocks DDM, remat inside the scan
 ])
 def test_scanned_layers_give_the_unrolled_losses_aux_and_gradients(moe_layers, remat):
     unrolled = losses_and_gradients(config(moe_layers, remat_policy=remat))
