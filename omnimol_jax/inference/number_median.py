@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import re
 from typing import Any, Optional, Sequence
 
@@ -508,6 +509,4 @@ def decoding_memory_budget(fraction: float = 0.2) -> int:
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and stats.get("bytes_limit"):
         return int(fraction * stats["bytes_limit"])
-    import os
-
     return int(fraction * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
