@@ -1,12 +1,12 @@
 """The task registry: the 16 Omni-Mol tasks plus `complexity` and `scf`.
 
-For every task: its family, how the user text is built from a record (SPEC.md section 5), which
+For every task: its family, how the user text is built from a record (docs/omnimol.md §5), which
 molecules become graphs (a rule name resolved by `omnimol_jax.data.molecules`), what the answer is
 (SELFIES / number / text), the metric set the evaluation uses, and where its records live in the
 public releases (Omni-Mol dataset file-name substrings, Mol-Instructions file names).
 
 Prompt templates follow the public Omni-Mol code (`data_pipe/datasets*.py`). One place differs from
-the SPEC table: for `scf` the code writes "The molecule SELFIES sequence is:" and builds the graph
+the table of docs/omnimol.md §5: for `scf` the code writes "The molecule SELFIES sequence is:" and builds the graph
 from the whole input (like weight/logp), not "The compound ..." with the first component; we follow
 the code, which is what released checkpoints were trained on.
 """
@@ -39,7 +39,7 @@ RULE_EXTRACTED = "extracted"
 RULE_NONE = "none"
 GRAPH_RULES = (RULE_INPUT, RULE_FIRST_COMPONENT, RULE_REACTANT_SIDE, RULE_PRODUCT, RULE_EXTRACTED, RULE_NONE)
 
-# Metric sets (names used by evaluation) -> the metrics each reports (SPEC.md section 6).
+# Metric sets (names used by evaluation) -> the metrics each reports (docs/omnimol.md §6).
 METRIC_SETS: dict[str, tuple[str, ...]] = {
     "molecule": ("validity", "exact_match", "bleu", "levenshtein", "maccs_fts", "rdk_fts", "morgan_fts"),
     "homolumo_mae": ("mae_homo", "mae_lumo", "mae_gap", "mae"),
@@ -79,7 +79,7 @@ class TaskSpec:
     release_file_key: str
     # When that file holds several tasks, only records with this metadata.task value belong here.
     release_metadata_task: Optional[str] = None
-    # The current release's file name (without .json) for this task alone (SPEC.md section 8).
+    # The current release's file name (without .json) for this task alone (docs/omnimol.md §8).
     release_name: Optional[str] = None
     # Mol-Instructions (molecule-oriented) file holding this task, if any.
     mol_instructions_file: Optional[str] = None
@@ -247,7 +247,7 @@ def user_message(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optio
 
 def chat_text(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optional[int] = None,
               with_answer: bool = True, system: str = SYSTEM_PROMPT) -> str:
-    """The full llama3 conversation string of SPEC.md (one BOS written; the tokenizer may add the second)."""
+    """The full llama3 conversation string of docs/omnimol.md (one BOS written; the tokenizer may add the second)."""
     text = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
             f"<|start_header_id|>user<|end_header_id|>\n\n{user_message(spec, record, question_draw)}<|eot_id|>"
             f"<|start_header_id|>assistant<|end_header_id|>\n\n")

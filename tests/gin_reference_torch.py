@@ -1,4 +1,4 @@
-"""A plain-torch GIN that computes the graph tower exactly as SPEC.md section 1 states, with the
+"""A plain-torch GIN that computes the graph tower exactly as docs/omnimol.md §1 states, with the
 MoleculeSTM module names (so its state dict looks like `molecule_model.pth`). No torch_geometric:
 message passing is an `index_add_` over the receivers.
 """

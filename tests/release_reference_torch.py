@@ -1,5 +1,5 @@
 """The released Omni-Mol model in plain PyTorch, loaded and evaluated as the public code does, and a writer of tiny
-release checkpoint folders, both built from SPEC.md sections 1-3 and 7 (not from our converter).
+release checkpoint folders, both built from docs/omnimol.md §§1-3 and 7 (not from our converter).
 
 Structure (so its state-dict names are the release's names):
     language_model   transformers LlamaForCausalLM; the MLPs of the MoE layers replaced by `MoEBlock`s whose experts
@@ -186,7 +186,7 @@ def trained(model: ReleasedOmniMol, seed: int = 0) -> ReleasedOmniMol:
 
 def write_release(model: ReleasedOmniMol, release: dict, adapter: dict | None, folder: Path, base: Path,
                   moleculestm: Path, dtype=torch.float32, stage1: bool = False) -> None:
-    """Writes the release files of SPEC section 7 from the model's state dict (and its base Llama and GIN)."""
+    """Writes the release files of docs/omnimol.md §7 from the model's state dict (and its base Llama and GIN)."""
     folder.mkdir(parents=True)
     state = {k: v.detach() for k, v in model.state_dict().items()}
     # The frozen base: base_layer weights at their plain names; an MoE layer's frozen MLP is any expert's copy.

@@ -56,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     what.add_argument("--prompt", help="a free user message, sent through the chat template")
     p.add_argument("--input", help="the record's input (SELFIES, reaction, name or text), with --task")
     p.add_argument("--system", default=None,
-                   help="with --prompt: the system message (default: the one training uses, SPEC section 5)")
+                   help="with --prompt: the system message (default: the one training uses, docs/omnimol.md §5)")
     p.add_argument("--instruction", default=None,
                    help="the instruction (default: a standard one for the task where there is one)")
     p.add_argument("--extracted-molecules", default=None,
@@ -68,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "eval", help="generate on test splits and compute the task metrics (both protocols)",
         description="Reads the test split of each task in --data, generates batched with a progress bar, "
                     "appends raw predictions to <out>/predictions.jsonl (a rerun resumes from it), computes "
-                    "the metrics of SPEC.md section 6 and writes per-task JSON, metrics.md and summary.png.")
+                    "the metrics of docs/omnimol.md §6 and writes per-task JSON, metrics.md and summary.png.")
     _add_model_args(p)
     p.add_argument("--data", required=True, help="folder with the task files (Omni-Mol release or build-data)")
     p.add_argument("--layout", default="omnimol", choices=("omnimol", "mol_instructions"))

@@ -30,7 +30,7 @@ MoGELayerSet = Literal["last_quarter", "first_half", "second_half", "every_4th",
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA adapters (SPEC.md section 2): y = W x + s * B A dropout(x), W frozen.
+    """LoRA adapters (docs/omnimol.md §2): y = W x + s * B A dropout(x), W frozen.
 
     `enabled` puts one adapter on each target projection of attention and of the non-MoE FFNs. MoGE experts
     always carry their own adapters with these rank/alpha/GAL settings.
@@ -61,7 +61,7 @@ class LoRAConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoGEConfig:
-    """Mixture of GAL-LoRA experts on the FFN of selected layers (SPEC.md section 3)."""
+    """Mixture of GAL-LoRA experts on the FFN of selected layers (docs/omnimol.md §3)."""
 
     enabled: bool = False
     layers: MoGELayerSet = "last_quarter"
@@ -195,7 +195,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GraphConfig:
-    """The molecule side: RDKit features, the MoleculeSTM GIN and the projector into the LLM (SPEC.md section 1).
+    """The molecule side: RDKit features, the MoleculeSTM GIN and the projector into the LLM (docs/omnimol.md §1).
 
     The one place the feature mode lives: the pipeline featurises with it and the GIN sums the columns it gives.
     """
@@ -404,7 +404,7 @@ class InitConfig:
 
 @dataclasses.dataclass
 class TrainConfig:
-    """The optimisation recipe (SPEC.md section 4) and the run's bookkeeping."""
+    """The optimisation recipe (docs/omnimol.md §4) and the run's bookkeeping."""
 
     stage: int = 2                       # 1: projector alignment (only the projector trains); 2: MoGE SFT
     # Regexes over '/'-joined parameter paths that train on top of the stage's set (e.g. ["language_model",

@@ -14,7 +14,7 @@ Assumed checkpoint naming (from the MoleculeSTM / Omni-Mol `molecule_gnn_model.p
     graph_pred_linear.{weight, bias}                                          dropped (the pretraining head)
 
 Accepted prefixes before `atom_encoder...`: `molecule_node_model.` (MoleculeSTM), `graph_tower.gnn.
-molecule_node_model.` (Omni-Mol checkpoints, SPEC section 7; keys outside `graph_tower.` are ignored
+molecule_node_model.` (Omni-Mol checkpoints, docs/omnimol.md §7; keys outside `graph_tower.` are ignored
 there), `gnn.molecule_node_model.`, or none (a bare `GNN` state dict). `num_batches_tracked` is ignored
 (inference batch norm does not use it). Torch Linear weights [out, in] are transposed to kernels [in, out].
 Files are read with `torch.load(path, map_location="cpu", weights_only=True)` only.

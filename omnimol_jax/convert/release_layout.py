@@ -1,4 +1,4 @@
-"""The checkpoint layout of the public Omni-Mol code (SPEC.md section 7): file names, the tensor table, and the
+"""The checkpoint layout of the public Omni-Mol code (docs/omnimol.md §7): file names, the tensor table, and the
 translation between its GraphLlavaConfig / PEFT LoraConfig and our configs.
 
 One table (`release_tensors`) states every tensor a release checkpoint holds beside the frozen base Llama: its

@@ -11,7 +11,7 @@ as `omnimol_jax.data.prompts` builds prompts) for `model(inputs_embeds=...)` or 
     embeds = encoder.inputs_embeds(model, input_ids, ["[C][C][O]"])  # one molecule (or None) per row
     logits = model(inputs_embeds=embeds, attention_mask=mask).logits
 
-The GIN computes SPEC.md section 1 (batch norms in eval mode, message passing as an `index_add_` over receivers).
+The GIN computes docs/omnimol.md §1 (batch norms in eval mode, message passing as an `index_add_` over receivers).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ generation prompt (`add_generation_prompt=True`), and `suffix` starts with the t
 (`<|eot_id|>`, `<|im_end|>`, `</s>`): the last supervised token and the stop token of generation.
 
 Two sources:
-- `LLAMA3_OMNIMOL`: the Llama-3 conversation of the public Omni-Mol code (SPEC.md section 5), which the released
+- `LLAMA3_OMNIMOL`: the Llama-3 conversation of the public Omni-Mol code (docs/omnimol.md §5), which the released
   checkpoints saw. Llama-3 tokenizers use it by default: a Meta Llama-3.2 folder's own template adds a date
   header that the Omni-Mol models never saw. The built-in and `build-tokenizer --llama3` folders carry a template
   that renders exactly this frame.

@@ -3,7 +3,7 @@
 A task registry names one rule per task; `graph_smiles_for(rule, text, record)` applies it to a record's
 input and returns the SMILES to featurize (one graph per sample; a list entry may itself hold several
 '.'-separated components), or None for text-only tasks. The rules follow the public Omni-Mol data code
-(SPEC.md section 5):
+(docs/omnimol.md §5):
 
     input            the whole input SELFIES (all '.'-components)          molediting, homolumo, weight,
                                                                            logp, molcap

@@ -297,7 +297,7 @@ def find_task_file(data_dir: str | os.PathLike, task: str, layout: str = LAYOUT_
     """The file holding `task` in `data_dir`, and the metadata.task value to filter it by (None: no filter).
 
     omnimol layout, in order: `<task>.json` (our per-task convention); the current release's name for the task
-    (SPEC.md section 8, e.g. `Molecular_Weight.json`, `IUPAC2SELFIES.json`; case-insensitive); else the one `*.json`
+    (docs/omnimol.md §8, e.g. `Molecular_Weight.json`, `IUPAC2SELFIES.json`; case-insensitive); else the one `*.json`
     whose name contains the older releases' substring (e.g. 'molcap_train', '3d_moit', with the metadata.task
     filter); several candidates are an error unless exactly one is named `<substring>.json`. mol_instructions
     layout: the Mol-Instructions file name, found in `data_dir` or `data_dir/Molecule-oriented_Instructions`.

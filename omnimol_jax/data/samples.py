@@ -1,4 +1,4 @@
-"""One sample from one record: read, check, render the prompt (SPEC.md section 5), featurise the graph, tokenise
+"""One sample from one record: read, check, render the prompt (docs/omnimol.md §5), featurise the graph, tokenise
 with labels on the answer only and expand the graph placeholder. Runs in Grain worker threads/processes.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Evaluation: per-task metrics in the `reference` and `strict` protocols (SPEC.md section 6) and reports."""
+"""Evaluation: per-task metrics in the `reference` and `strict` protocols (docs/omnimol.md §6) and reports."""
 from omnimol_jax.eval.metrics import (
     compute_metrics_from_records,
     compute_task_metrics,

@@ -1,4 +1,4 @@
-"""How each protocol reads a generated answer (SPEC section 9).
+"""How each protocol reads a generated answer (docs/omnimol.md §9).
 
 A prediction record keeps every answer in two forms:
     raw         the generated tokens decoded with special tokens kept, the stop token included: what the public

@@ -2,7 +2,7 @@
 textguidedmolgen): SELFIES -> SMILES -> RDKit, then validity, exact match via InChI, BLEU on SELFIES
 characters, Levenshtein on canonical SMILES, and MACCS / RDKit / Morgan(r=2) Tanimoto similarity.
 
-Two protocols (SPEC.md section 6):
+Two protocols (docs/omnimol.md §6):
 
 reference  the public Omni-Mol code (`metric_factory.calc_mol_trans` + `calc_fingerprints`, from MolT5):
            both sides canonicalised with isomericSmiles=False (stereo-blind); a prediction is valid when

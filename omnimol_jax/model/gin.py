@@ -1,6 +1,6 @@
 """The MoleculeSTM graph tower: a 5-layer GIN with OGB atom/bond embeddings, per-node outputs.
 
-Computation (SPEC.md section 1), for node states h [N, 300] over a padded `jraph.GraphsTuple`:
+Computation (docs/omnimol.md §1), for node states h [N, 300] over a padded `jraph.GraphsTuple`:
 
     h^0_v = sum_i AtomTable_i[x_v,i]                       (one table per atom-feature column)
     layer l: e_uv = sum_k BondTable^l_k[b_uv,k]             (a separate bond embedder per layer)

@@ -1,6 +1,6 @@
 """LoRA adapters with GAL scaling, as separate modules whose output is added to the frozen layer's.
 
-y = W x + s * B A dropout(x), with A ~ U(+-1/sqrt(fan_in)), B = 0 at init (SPEC.md section 2). With GAL the
+y = W x + s * B A dropout(x), with A ~ U(+-1/sqrt(fan_in)), B = 0 at init (docs/omnimol.md §2). With GAL the
 scale is learnable through three fp32 scalars per adapter:
 
     s = clip(a, 15.9, 16.1) / r ** clip(p, 0.49, 0.51) + clip(b, -0.05, 0.05)

@@ -1,4 +1,4 @@
-"""MoGE: a mixture of GAL-LoRA experts replacing the FFN of selected decoder layers (SPEC.md section 3).
+"""MoGE: a mixture of GAL-LoRA experts replacing the FFN of selected decoder layers (docs/omnimol.md §3).
 
 Every expert is the layer's frozen SwiGLU FFN plus its own LoRA on gate, up and down:
     E_e(h) = down'_e(silu(gate'_e(h)) * up'_e(h)),   proj'_e = W_proj + s_e B_e A_e

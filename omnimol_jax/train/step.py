@@ -193,7 +193,7 @@ def jit_train_step(train_step: Callable, state_shardings: Any, frozen_shardings:
 
 
 def make_optimizer(train_config) -> tuple[optax.GradientTransformation, Callable]:
-    """AdamW with linear warmup and cosine decay, after global-norm clipping (SPEC.md section 4)."""
+    """AdamW with linear warmup and cosine decay, after global-norm clipping (docs/omnimol.md §4)."""
     warmup = int(round(train_config.warmup_ratio * train_config.max_steps))
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=train_config.learning_rate, warmup_steps=max(warmup, 0),

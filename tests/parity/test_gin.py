@@ -1,4 +1,4 @@
-"""GIN parity with a plain-torch implementation of SPEC.md section 1, on real molecules."""
+"""GIN parity with a plain-torch implementation of docs/omnimol.md §1, on real molecules."""
 import os
 
 import jax

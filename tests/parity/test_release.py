@@ -1,7 +1,7 @@
-"""import-release / export-release of the public code's checkpoint layout (SPEC.md section 7).
+"""import-release / export-release of the public code's checkpoint layout (docs/omnimol.md §7).
 
-Tiny release folders are written with torch by tests/release_reference_torch.py (built from the SPEC, not from our
-converter): fp32 and bf16, nonzero LoRA B, GAL scalars off-centre inside their boxes, 5 experts, top-2 and a
+Tiny release folders are written with torch by tests/release_reference_torch.py (built from docs/omnimol.md, not
+from our converter): fp32 and bf16, nonzero LoRA B, GAL scalars off-centre inside their boxes, 5 experts, top-2 and a
 shared expert. The imported model's logits must equal the torch model of the release within 1e-4 (fp32) on prompts
 that carry graphs, and export-release must give back the same files, keys and values.
 """

@@ -142,7 +142,7 @@ def test_labels_cover_only_the_answer_and_slots_match_atoms(data_dir, tokenizer)
         task_index = pipeline.task_keys.index(task)  # batch task ids index the mixture's task list
         assert batch["task_ids"][b, 0] == task_index
         assert (batch["token_task_ids"][b][batch["segment_ids"][b] > 0] == task_index).all()
-        # the decoded prompt is the SPEC chat text with the placeholder expanded
+        # the decoded prompt is the chat text of docs/omnimol.md §5 with the placeholder expanded
         text = tokenizer.decode(np.where(ids == IMAGE_TOKEN_ID, -1, ids)[batch["segment_ids"][b] > 0])
         assert text == tasks.chat_text(spec, record).replace("<image>", "").replace(
             "<|begin_of_text|>", "<|begin_of_text|><|begin_of_text|>", 1)
@@ -371,7 +371,7 @@ def _release_folder(folder, name_of):
 
 @pytest.mark.parametrize("names", ["current", "older"])
 def test_every_task_is_found_under_the_release_file_names_and_yields_batches(names, tmp_path, tokenizer):
-    """SPEC.md section 8: the current release names each task's file (Molecular_Weight, IUPAC2SELFIES, ...); the
+    """docs/omnimol.md §8: the current release names each task's file (Molecular_Weight, IUPAC2SELFIES, ...); the
     older releases matched substrings (3d_moit holding several tasks, yields_regression, molcap_train, ...)."""
     older = {"homolumo": "property_prediction", "yield": "yields_regression", "molcap": "molcap_train",
              "iupac": "iupac_to_selfies", "forward": "forward_reaction"}

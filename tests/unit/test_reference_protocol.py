@@ -1,4 +1,4 @@
-"""How the two protocols read answers (SPEC section 9): hand-made raw answers that end in `<|eot_id|>\\n`, hold
+"""How the two protocols read answers (docs/omnimol.md §9): hand-made raw answers that end in `<|eot_id|>\\n`, hold
 `<|end_of_text|>` or start with a space, scored as the public code's conventions give (values worked out by hand
 below), against the strict protocol's clean answers. Also the report's header and the records' raw form."""
 import json

@@ -1,4 +1,4 @@
-"""Task registry: every task's prompt for a record matches SPEC.md section 5 (written out here by hand)."""
+"""Task registry: every task's prompt for a record matches docs/omnimol.md §5 (written out here by hand)."""
 import collections
 
 import pytest
@@ -12,7 +12,7 @@ SYSTEM = ("A chat between a curious user and an artificial intelligence assistan
 
 
 def spec_user_text(task: str, r: dict) -> str:
-    """The 'user text after the placeholder' column of SPEC.md section 5, typed out per task."""
+    """The 'user text after the placeholder' column of docs/omnimol.md §5, typed out per task."""
     i, x = r["instruction"], r["input"]
     return {
         "forward": f"{i} {x}",
@@ -26,7 +26,7 @@ def spec_user_text(task: str, r: dict) -> str:
         "logp": f"{i} The molecule SELFIES sequence is: {x}",
         "tpsa": f"{i} The compound SELFIES sequence is: {x}",
         "complexity": f"{i} The compound SELFIES sequence is: {x}",
-        # SPEC groups scf with tpsa; the public code (which checkpoints saw) writes 'molecule' here.
+        # docs/omnimol.md §5 groups scf with tpsa; the public code (which checkpoints saw) writes 'molecule' here.
         "scf": f"{i} The molecule SELFIES sequence is: {x}",
         "yield": f"{i} The reaction is {x}.",
         "experiment": f"{i}{x}. The Action Sequence: ",
