@@ -142,14 +142,14 @@ class ModelConfig:
     # Run each repeating group of decoder layers as one lax.scan: one compiled body per group, so compile time grows
     # far less with depth (16 layers: 0.58x) and XLA keeps fewer temporaries on CPU; parameters and checkpoints are
     # the same either way. Off by default: at the demo's 4 layers the scanned step is 1.26x slower, and at the 1B
-    # recipe's remat policy it needs 1.5x the memory on TPU (README). Decoding with a KV cache runs unrolled.
+    # recipe's remat policy it needs 1.5x the memory on TPU (docs/results.md). Decoding with a KV cache runs unrolled.
     scan_layers: bool = False
     # blockwise (default): einsum attention attention_block queries at a time over the keys up to the block's end
     # (causally masked key blocks skipped), each block's scores rematerialised.
     # block_sparse: flash-style tiles of attention_block x attention_block, computed only where a row's mask has an
     # unmasked entry (causal, segment and padding tiles skipped per row, forward and backward); rows run one after
     # another on each device. einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention with
-    # the dense mask, which in jax 0.10-0.12 runs XLA's implementation on every platform (README).
+    # the dense mask, which in jax 0.10-0.12 runs XLA's implementation on every platform (docs/model.md).
     # Training and a one-chunk prefill use the chosen kernel; decoding steps over the cache use einsum (or jax).
     attention_impl: Literal["blockwise", "block_sparse", "einsum", "jax"] = "blockwise"
     attention_block: int = 128

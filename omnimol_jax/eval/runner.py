@@ -54,7 +54,7 @@ SKIPPED_FILE = "skipped.json"
 TOPK_VALUES = (1, 3, 5, 10)
 # A prompt length that fewer batches of a decoder would use is merged into the next longer one. On the demo's eval
 # 16 beats 8: its 13 greedy batches padded from 192 to 320 tokens cost less than compiling a program for them
-# (3 programs, 60-70 s of generation, against 4 programs, 66-72 s; README).
+# (3 programs, 60-70 s of generation, against 4 programs, 66-72 s; docs/results.md).
 PLAN_MIN_BATCHES = 16
 
 
