@@ -389,16 +389,20 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
         prefetch_wordnet()  # METEOR's WordNet loads while the model generates
     wants_constraint = options.constrained and any(tasks.get_task(k).output_type == tasks.OUTPUT_SELFIES
                                                 for k in task_keys)
+    out_dir = Path(options.out) if options.out else Path("eval") / Path(options.checkpoint).resolve().name
+    # A malformed predictions file stops here, before the model is loaded or anything is written (--restart
+    # discards the file instead).
+    store = None if options.restart else PredictionStore(out_dir / PREDICTIONS_FILE)
     session = load_session(options.checkpoint, options.tokenizer, double_bos=options.double_bos,
                            mesh_config=options.mesh, constrained=wants_constraint)
     if not (session.has_graph_tower and session.graph_tokens):
         logger.warning("%s reads no graphs (%s): every task is prompted as text, molecules as SELFIES",
                        options.checkpoint, "a plain language model" if not session.has_graph_tower
                        else "trained with data.graph_tokens=false")
-    out_dir = Path(options.out) if options.out else Path("eval") / session.checkpoint.resolve().name
     settings = _settings(options, session, config)
     _check_settings(out_dir, settings, options.restart)
-    store = PredictionStore(out_dir / PREDICTIONS_FILE)  # a malformed file stops here, before anything is written
+    if store is None:
+        store = PredictionStore(out_dir / PREDICTIONS_FILE)
     _write_settings(out_dir, settings)
     median_decoder = number_median_decoder(session, options.number_median) if options.number_median else None
 

@@ -68,10 +68,9 @@ def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = 
     mesh = build_mesh(mesh_config) if mesh_config is not None else None
     try:
         _, meta = read_metadata(checkpoint)
-        model = load_omnimol(checkpoint, mesh=mesh)[0] if meta.get("graph") is not None \
-            else load_llama(checkpoint, mesh=mesh)
     except (CheckpointError, FileNotFoundError) as err:
         raise SessionError(str(err)) from None
+    # The tokenizer first: a checkpoint without one is refused before its weights are read
     tokenizer_source = Path(tokenizer_path) if tokenizer_path else checkpoint / ASSETS_DIR
     trained_with = meta.get("data", {})
     if double_bos is None:  # not chosen on the command line: follow the training data's convention
@@ -82,6 +81,11 @@ def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = 
     except (FileNotFoundError, TokenizerError) as err:
         raise SessionError(f"tokenizer: {err} (pass --tokenizer, or save the tokenizer into "
                         f"{checkpoint / ASSETS_DIR})") from None
+    try:
+        model = load_omnimol(checkpoint, mesh=mesh)[0] if meta.get("graph") is not None \
+            else load_llama(checkpoint, mesh=mesh)
+    except (CheckpointError, FileNotFoundError) as err:
+        raise SessionError(str(err)) from None
     config = language_config(model)
     if tokenizer.vocab_size > config.vocab_size:
         raise SessionError(f"the tokenizer at {tokenizer_source} has {tokenizer.vocab_size} tokens, more than the "

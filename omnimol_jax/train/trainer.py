@@ -122,6 +122,11 @@ class Trainer:
                 if self.config_changes.ignored:
                     self.say(f"warning: {describe_changes(self.config_changes.ignored)}: not used, the run resumes "
                              "from its own checkpoints")
+        # A finished run (final/ holds the model of the last step) is answered from the metadata alone: rerunning
+        # the command on a pod must not restore the whole train state to say so.
+        self.complete = self.resuming and self._final_export_done(config.train.max_steps)
+        if self.complete:
+            return
 
         self.backbone = resolve_backbone(config.init, progress=self.progress)
         self.tokenizer_dir = tokenizer_folder(config.data, self.backbone)
@@ -288,6 +293,11 @@ class Trainer:
                                     "changes": {k: list(v) for k, v in self.config_changes.applied.items()}})
                         + "\n")
 
+    def _already_complete(self, step: int, state) -> RunResult:
+        self.say(f"the run is already complete: step {step} of {self.config.train.max_steps}, model in "
+                 f"{self.output_dir / 'final'}")
+        return RunResult(step, "already_complete", step, self.output_dir, [], final_state=state)
+
     def _final_export_done(self, step: int) -> bool:
         """True when final/ holds the model of `step` (or no export is wanted)."""
         if not self.config.train.export_final:
@@ -300,6 +310,10 @@ class Trainer:
 
     def _run(self, until_step: Optional[int]) -> RunResult:
         cfg = self.config
+        if self.complete:
+            self._record_config(cfg.train.max_steps)
+            self.checkpoints.close()
+            return self._already_complete(cfg.train.max_steps, state=None)
         if self.checkpoints is None:
             self.checkpoints = self._open_checkpoints()
         state = self._initial_state()
@@ -317,11 +331,9 @@ class Trainer:
         if restored is None:
             self._save_frozen()
         if start_step >= cfg.train.max_steps and self._final_export_done(start_step):
-            self.say(f"the run is already complete: step {start_step} of {cfg.train.max_steps}, model in "
-                     f"{self.output_dir / 'final'}")
             data.close()
             self.checkpoints.close()
-            return RunResult(start_step, "already_complete", start_step, self.output_dir, [], final_state=state)
+            return self._already_complete(start_step, state)
         train_step = jit_train_step(self._train_step_fn, state_shardings, frozen_shardings)
         run = RunState(state=state, data=data, start_step=start_step)
         metric_logger = (MetricLogger(self.output_dir, self.task_names, resume_step=start_step,
