@@ -204,7 +204,7 @@ def parse_size(text: str) -> int:
     try:
         value = float(number)
     except ValueError:
-        raise ValueError(f"cannot parse size {text!r}; use e.g. 5GB or 500MiB") from None
+        raise SafetensorsError(f"cannot parse size {text!r}; use e.g. 5GB or 500MiB") from None
     if unit not in units:
-        raise ValueError(f"unknown size unit in {text!r}; use B, KB, MB, GB, KiB, MiB, GiB")
+        raise SafetensorsError(f"unknown size unit in {text!r}; use B, KB, MB, GB, KiB, MiB, GiB")
     return int(value * units[unit])

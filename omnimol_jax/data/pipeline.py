@@ -20,7 +20,7 @@ import grain
 from tqdm.auto import tqdm
 
 from omnimol_jax import tasks
-from omnimol_jax.config import DataConfig, parse_mixture
+from omnimol_jax.config import ConfigError, DataConfig, parse_mixture
 from omnimol_jax.constants import FEATURE_MODES
 from omnimol_jax.data import molecules, readers
 from omnimol_jax.data.bucketing import BucketBatchesIterDataset
@@ -49,7 +49,7 @@ class Pipeline:
                  feature_mode: str = FEATURE_MODES[0]):
         config.validate()
         if feature_mode not in FEATURE_MODES:
-            raise ValueError(f"feature_mode {feature_mode!r} is not one of {FEATURE_MODES}")
+            raise ConfigError(f"graph.feature_mode: {feature_mode!r} is not one of {FEATURE_MODES}")
         self.config = config
         self.feature_mode = feature_mode  # graph.feature_mode of the run config
         self.tokenizer = tokenizer or load_chat_tokenizer(config.tokenizer_path(), double_bos=config.double_bos,
@@ -60,7 +60,8 @@ class Pipeline:
             if entries[0][0] == "paper":
                 names = [name for name in names if name in tasks.PAPER_TASKS]
             if not names:
-                raise FileNotFoundError(f"no task files in {config.data_dir} ({config.layout} layout)")
+                raise readers.DataFormatError(f"data.data_dir: no task files in {config.data_dir} "
+                                              f"({config.layout} layout)")
             entries = [(name, 1.0) for name in names]
         self.task_keys = [name for name, _ in entries]
         self.values = [float(value) for _, value in entries]
@@ -69,11 +70,11 @@ class Pipeline:
                                          strict=config.strict)
         missing = [k for k in self.task_keys if k not in sources]
         if missing:
-            raise KeyError(f"no source for tasks {missing}")
+            raise readers.DataFormatError(f"data.tasks: no task file for {missing} in {config.data_dir}")
         self.sources = [sources[k] for k in self.task_keys]
         for key, source in zip(self.task_keys, self.sources):
             if len(source) == 0:
-                raise ValueError(f"task {key!r}: no {config.split!r} records in {source.path}"
+                raise readers.DataFormatError(f"{source.path}: task {key!r} has no {config.split!r} records"
                                  + (f" ({source.num_without_split} records have no metadata.split)"
                                     if source.num_without_split else ""))
         self.process = process_shard(config)

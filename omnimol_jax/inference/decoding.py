@@ -74,17 +74,17 @@ class GenerationConfig:
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not math.isfinite(self.temperature):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k}")
         if self.num_beams < 1:
-            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+            raise GenerationError(f"num_beams must be >= 1, got {self.num_beams}")
         if self.length_penalty < 0:
-            raise ValueError(f"length_penalty must be >= 0, got {self.length_penalty}")
+            raise GenerationError(f"length_penalty must be >= 0, got {self.length_penalty}")
 
     @property
     def mode(self) -> Literal["greedy", "sample", "beam"]:
@@ -455,14 +455,14 @@ class Generator:
                  mesh: Optional[jax.sharding.Mesh] = None, constraint: Optional[SelfiesConstraint] = None,
                  min_prompt_bucket: int = 32):
         if not stop_token_ids:
-            raise ValueError("at least one stop token id is needed")
+            raise GenerationError("at least one stop token id is needed")
         self.graphdef, self.state = nnx.split(model)
         self.config = language_config(model)
         self.pad_token_id = int(pad_token_id)
         self.stop_token_ids = tuple(int(i) for i in stop_token_ids)
         bad = [i for i in self.stop_token_ids + (self.pad_token_id,) if not 0 <= i < self.config.vocab_size]
         if bad:
-            raise ValueError(f"token ids {bad} are outside the model vocabulary of {self.config.vocab_size}")
+            raise GenerationError(f"token ids {bad} are outside the model vocabulary of {self.config.vocab_size}")
         self.mesh = mesh
         self.min_prompt_bucket = int(min_prompt_bucket)
         # With a graph tower, text-only batches carry an empty graph batch: they share the molecule batches' program.
@@ -472,8 +472,8 @@ class Generator:
             self.graph_feature_widths = (NUM_ATOM_FEATURES[mode], NUM_BOND_FEATURES[mode])
         self.constraint = constraint
         if constraint is not None and constraint.vocab_size != self.config.vocab_size:
-            raise ValueError(f"the constraint covers {constraint.vocab_size} token ids, the model has "
-                             f"{self.config.vocab_size}")
+            raise GenerationError(f"the constraint covers {constraint.vocab_size} token ids, the model has "
+                                  f"{self.config.vocab_size}")
         self._tables = constraint.device_tables() if constraint is not None else None
         self._programs: dict[_Static, Any] = {}
 

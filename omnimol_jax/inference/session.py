@@ -90,7 +90,10 @@ def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = 
     if tokenizer.vocab_size > config.vocab_size:
         raise SessionError(f"the tokenizer at {tokenizer_source} has {tokenizer.vocab_size} tokens, more than the "
                         f"model's vocabulary of {config.vocab_size}")
-    constraint = constraint_for_tokenizer(tokenizer, config.vocab_size) if constrained else None
+    try:
+        constraint = constraint_for_tokenizer(tokenizer, config.vocab_size) if constrained else None
+    except ValueError as err:  # the vocabulary cannot write SELFIES
+        raise SessionError(f"--constrained with the tokenizer at {tokenizer_source}: {err}") from None
     generator = Generator(model, pad_token_id=tokenizer.pad_id, stop_token_ids=tokenizer.stop_ids, mesh=mesh,
                           constraint=constraint)
     feature_mode = (meta.get("graph") or {}).get("feature_mode", "omnimol") if meta.get("graph") is not None else None

@@ -9,7 +9,7 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from omnimol_jax.config import Config
+from omnimol_jax.config import Config, ConfigError
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from omnimol_jax.data import readers
 from omnimol_jax.data.pipeline import Pipeline
@@ -80,7 +80,7 @@ def inspect_samples(config: Config, tasks: Optional[list[str]] = None, count: in
     wanted = pipeline.task_keys if not tasks else tasks
     unknown = [t for t in wanted if t not in pipeline.task_keys]
     if unknown:
-        raise KeyError(f"task(s) {unknown} are not in this config's data.tasks ({', '.join(pipeline.task_keys)})")
+        raise ConfigError(f"--task: {unknown} not in this config's data.tasks ({', '.join(pipeline.task_keys)})")
 
     def samples() -> Iterator[InspectedSample]:
         for task in wanted:

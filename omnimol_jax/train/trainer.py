@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from omnimol_jax import checkpoint as model_ckpt
-from omnimol_jax.config import Config, save_config
+from omnimol_jax.config import Config, ConfigError, save_config
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
 from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
@@ -136,8 +136,8 @@ class Trainer:
         self.task_names = list(self.pipeline.task_keys)
         self.num_tasks = len(self.task_names)
         if self.pipeline.tokenizer.vocab_size > config.model.vocab_size:
-            raise TrainingError(f"the tokenizer at {self.tokenizer_dir} has {self.pipeline.tokenizer.vocab_size} "
-                                f"tokens but model.vocab_size is {config.model.vocab_size}")
+            raise ConfigError(f"model.vocab_size: {config.model.vocab_size}, but the tokenizer at "
+                              f"{self.tokenizer_dir} has {self.pipeline.tokenizer.vocab_size} tokens")
         self.pipeline.check_records(say=self.say, progress=self.progress and self.process_index == 0)
         self._build_model()
         self.tx, self.schedule = make_optimizer(config.train)

@@ -318,6 +318,11 @@ STRICT_TRAIN = FRESH_TRAIN + ["data.strict=true", "data.data_dir={data}", "data.
                               "data.seq_len=1024"]
 BAD_INPUTS = [
     # (id, argv template, setup, words the one-line error must contain, exit code)
+    ("vocabulary-smaller-than-the-tokenizer", FRESH_TRAIN + ["model.vocab_size=300"], None,
+     ["model.vocab_size: 300", "but the tokenizer at", "496 tokens"], 2),
+    ("data-folder-without-task-files", FRESH_TRAIN + ["data.data_dir={tmp}/empty", "data.tasks=all"],
+     lambda t: shutil.copytree(t["data"] / "tokenizer", t["tmp"] / "empty" / "tokenizer"),
+     ["data.data_dir: no task files in", "empty"], 2),
     ("strict-bad-record", STRICT_TRAIN,
      lambda t: _damage(t["data"], "bad_record"), ["logp.json, record", "'output' is missing"], 2),
     ("truncated-file-strict", STRICT_TRAIN,
