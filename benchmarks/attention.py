@@ -25,14 +25,13 @@ import numpy as np
 from flax import nnx
 from machine import describe_machine, interleaved, pin_threads  # benchmarks/machine.py (the script folder)
 
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import load_config
 from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.model import attention
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.sharding import build_mesh, use_mesh
-from omnimol_jax.train.recipes import run_trainable_filter
-from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, run_step_functions
+from omnimol_jax.train.program import run_train_program
 
 
 def packed_masks(segment_ids: np.ndarray) -> np.ndarray:
@@ -145,7 +144,6 @@ def main() -> None:
     step_results = {}
     if not args.no_step:
         mesh = build_mesh(dataclasses.replace(config.mesh, data=1), devices=jax.devices()[:1])
-        trainable = run_trainable_filter(config)
         impls = {"einsum": ("einsum", model_config.attention_block),
                  f"blockwise_{model_config.attention_block}": ("blockwise", model_config.attention_block)}
         impls.update({f"block_sparse_{b}": ("block_sparse", b) for b in blocks})
@@ -155,15 +153,9 @@ def main() -> None:
             for name, (impl, block) in impls.items():
                 variant = dataclasses.replace(model_config, attention_impl=impl, attention_block=block)
                 model = omnimol_constructor(variant, config.graph, seed=config.seed)()
-                graphdef, train_state, frozen = nnx.split(model, trainable, ...)
-                layout = StateLayout.of(train_state)
-                params = flatten_state(train_state)
-                tx, schedule = make_optimizer(config.train)
-                steps = run_step_functions(config, graphdef, layout, tx, schedule, num_tasks=len(pipeline.task_keys))
-                state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                                   jax.random.key_data(jax.random.key(0)), jnp.zeros((), jnp.int32),
-                                   jnp.zeros((), jnp.int32))
-                step = jax.jit(steps.train_step)
+                program = run_train_program(model, config, num_tasks=len(pipeline.task_keys))
+                state, frozen = program.initial_state(), program.frozen
+                step = jax.jit(program.steps.train_step)
                 losses[name] = float(jax.device_get(step(state, frozen, batch)[1]["loss"]))
                 step_runs[name] = lambda step=step, state=state, frozen=frozen: step(state, frozen, batch)[1]["loss"]
             step_times = interleaved(step_runs, args.iters)

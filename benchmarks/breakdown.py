@@ -25,11 +25,11 @@ from flax import nnx
 from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.aot.programs import host_batch
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import load_config
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.llama import LayerInputs, rope_inverse_frequencies
+from omnimol_jax.train.program import run_train_program
 from omnimol_jax.train.recipes import run_trainable_filter
-from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, run_step_functions
 
 
 def timed(fn, iters: int) -> float:
@@ -113,19 +113,15 @@ def main() -> None:
     components["graph_tower_projector"] = grad_time(model, lambda m, g: m.encode_graphs(g), graphs, args.iters,
                                                     trainable, within=("graph_tower", "projector"))
 
-    graphdef, train_state, frozen = nnx.split(model, trainable, ...)
-    layout = StateLayout.of(train_state)
-    params = flatten_state(train_state)
-    tx, schedule = make_optimizer(config.train)
+    program = run_train_program(model, config, num_tasks=1)
+    params, frozen, tx = program.trainable, program.frozen, program.tx
     opt_state = tx.init(params)
     grads = jax.tree.map(jnp.ones_like, params)
     update = jax.jit(lambda g, s, p: tx.update(g, s, p))
     components["optimizer"] = timed(lambda: update(grads, opt_state, params), args.iters)
 
-    steps = run_step_functions(config, graphdef, layout, tx, schedule, num_tasks=1)
-    state = TrainState(jnp.zeros((), jnp.int32), params, opt_state, jax.random.key_data(key),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    train_step = jax.jit(steps.train_step)
+    state = program.initial_state()
+    train_step = jax.jit(program.steps.train_step)
     step_s = timed(lambda: train_step(state, frozen, batch), args.iters)
 
     total = sum(components.values())

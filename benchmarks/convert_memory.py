@@ -92,8 +92,9 @@ def write_moge_checkpoint(folder: Path, preset: str, full: bool = False) -> dict
     import jax.numpy as jnp
     from flax import nnx
 
-    from omnimol_jax.checkpoint import module_state, omnimol_constructor, save_model_checkpoint, write_metadata
+    from omnimol_jax.checkpoint import module_state, save_model_checkpoint, write_metadata
     from omnimol_jax.config import GraphConfig, model_config_from_preset
+    from omnimol_jax.model.build import omnimol_constructor
     from omnimol_jax.model.llama import LlamaForCausalLM
     from omnimol_jax.model.lora import LoRAWeight
 

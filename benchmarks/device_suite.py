@@ -24,13 +24,14 @@ import numpy as np
 from flax import nnx
 from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, LoRAConfig, MeshConfig, MoGEConfig, TrainConfig, model_config_from_preset
 from omnimol_jax.inference.decoding import GenerationConfig, Generator
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
 from omnimol_jax.train.flops import compiled_flops, device_peak_flops, step_costs
+from omnimol_jax.train.program import build_train_program
 from omnimol_jax.train.recipes import trainable_filter
-from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
+from omnimol_jax.train.step import make_optimizer
 
 GRAPH = GraphConfig(num_layers=2, hidden_size=32)
 
@@ -81,14 +82,10 @@ def forward_part(config, mesh, batch: int, seq: int, iters: int, peak: float) ->
 
 def train_part(config, mesh, batch: int, seq: int, iters: int, peak: float, profile: str | None) -> dict:
     model = build(config, mesh)
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(2), ...)
     tx, schedule = make_optimizer(TrainConfig(max_steps=1000, learning_rate=1e-4))
-    steps = make_step_functions(graphdef, StateLayout.of(trainable), tx, num_tasks=1,
-                                aux_loss_coef=config.moge.aux_loss_coef, task_balanced=False, schedule=schedule)
-    params = flatten_state(trainable)
-    with use_mesh(mesh):
-        state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params),
-                           jax.random.key_data(jax.random.key(0)), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    program = build_train_program(model, trainable_filter(2), tx, schedule, num_tasks=1,
+                                  aux_loss_coef=config.moge.aux_loss_coef)
+    steps, state, frozen = program.steps, program.initial_state(mesh=mesh), program.frozen
     ids = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq)).astype(np.int32)
     micro = jax.tree.map(lambda x: jnp.asarray(x[None]), text_batch(ids, segments=2))
     step = jax.jit(steps.train_step, donate_argnums=(0,))

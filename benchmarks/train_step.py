@@ -20,18 +20,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 from hf_reference import torch_twin
 from machine import describe_machine, pin_threads  # benchmarks/machine.py (the script folder is on sys.path)
 
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, LoRAConfig, MoGEConfig, TrainConfig, model_config_from_preset
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.train.flops import measure_matmul_peak, step_costs
+from omnimol_jax.train.program import build_train_program
 from omnimol_jax.train.recipes import trainable_filter
-from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
+from omnimol_jax.train.step import make_optimizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -47,15 +46,10 @@ def text_batch(ids: np.ndarray) -> dict:
 def ours(config, ids):
     """(facts, one-step callable, model): the trainer's step function, compiled."""
     model = omnimol_constructor(config, GraphConfig(num_layers=1, hidden_size=16), seed=0)()
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(2), ...)
-    layout = StateLayout.of(trainable)
-    train_config = TrainConfig(max_steps=1000, learning_rate=1e-4)
-    tx, schedule = make_optimizer(train_config)
-    steps = make_step_functions(graphdef, layout, tx, num_tasks=1, aux_loss_coef=config.moge.aux_loss_coef,
-                                task_balanced=False, schedule=schedule)
-    params = flatten_state(trainable)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(0)),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    tx, schedule = make_optimizer(TrainConfig(max_steps=1000, learning_rate=1e-4))
+    program = build_train_program(model, trainable_filter(2), tx, schedule, num_tasks=1,
+                                  aux_loss_coef=config.moge.aux_loss_coef)
+    steps, state, frozen = program.steps, program.initial_state(), program.frozen
     batch = jax.tree.map(lambda x: x[None], text_batch(ids))  # one micro-batch
     step = jax.jit(steps.train_step, donate_argnums=(0,))
     start = time.perf_counter()
@@ -74,7 +68,7 @@ def ours(config, ids):
     memory = compiled.memory_analysis()
     return {"compile_s": round(compile_s, 2), "flops_per_step": flops,
             "temp_bytes": int(getattr(memory, "temp_size_in_bytes", 0)),
-            "trainable_parameters": int(sum(x.size for x in jax.tree.leaves(params)))}, run, model
+            "trainable_parameters": int(sum(x.size for x in jax.tree.leaves(program.trainable)))}, run, model
 
 
 def torch_peft(config, model, ids, rank: int):

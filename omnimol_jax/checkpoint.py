@@ -27,6 +27,7 @@ from flax import nnx
 
 from omnimol_jax.config import ConfigError, GraphConfig, ModelConfig, build_dataclass
 from omnimol_jax.errors import InputError
+from omnimol_jax.model.build import llama_constructor, omnimol_constructor
 
 FORMAT_VERSION = 1
 META_FILE = "omnimol_checkpoint.json"
@@ -253,13 +254,6 @@ def read_graph_config(meta: dict):
         raise CheckpointError(f"unreadable graph config in checkpoint metadata: {err}") from err
 
 
-def omnimol_constructor(model_config: ModelConfig, graph_config: GraphConfig, seed: int = 0):
-    """A deterministic no-argument constructor of the full model (for abstract or sharded init)."""
-    from omnimol_jax.model.omnimol import OmniMolModel
-
-    return lambda: OmniMolModel(model_config, graph_config, rngs=nnx.Rngs(seed))
-
-
 def copy_assets(src: Path, dst: Path) -> list[str]:
     """Copies the tokenizer and generation files of a HF or tokenizer folder (ASSET_FILES, nothing else: the folder may
     hold the model's weights too); returns the names copied."""
@@ -298,10 +292,8 @@ def load_omnimol(directory: str | os.PathLike, mesh: Optional[jax.sharding.Mesh]
 
 def load_llama(directory: str | os.PathLike, mesh: Optional[jax.sharding.Mesh] = None):
     """A LlamaForCausalLM with the checkpoint's weights, sharded over `mesh` when given."""
-    from omnimol_jax.model.llama import LlamaForCausalLM
-
     model_config, _ = read_metadata(directory)
-    return _load_module(directory, lambda: LlamaForCausalLM(model_config, rngs=nnx.Rngs(0)), mesh)
+    return _load_module(directory, llama_constructor(model_config), mesh)
 
 
 def _load_module(directory: str | os.PathLike, constructor, mesh: Optional[jax.sharding.Mesh]):

@@ -9,8 +9,6 @@ This module (with `omnimol_jax.tasks`) is the bottom layer: it imports nothing f
 IMAGE_TOKEN_ID = -200
 # Label value for positions that carry no loss (prompt, graph tokens, padding).
 IGNORE_INDEX = -100
-# Llama-3 `<|finetune_right_pad_id|>`, the pad id the Omni-Mol checkpoints use.
-LLAMA3_PAD_TOKEN_ID = 128004
 IMAGE_PLACEHOLDER = "<image>"
 
 # Where task files live: the Omni-Mol release (and the built-in corpus) or Mol-Instructions.

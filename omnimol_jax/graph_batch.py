@@ -26,10 +26,6 @@ class GraphBatch(NamedTuple):
     graph_sample_index: jax.Array
 
 
-    def num_node_slots(self) -> int:
-        return int(self.node_sample_index.shape[0])
-
-
 def node_mask(batch: GraphBatch) -> jax.Array:
     """bool [N_pad]: True for real nodes (works under jit)."""
     return jraph.get_node_padding_mask(batch.graphs)

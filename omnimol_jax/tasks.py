@@ -22,7 +22,6 @@ FAMILY_MOL2MOL = "Mol2Mol"
 FAMILY_MOL2NUM = "Mol2Num"
 FAMILY_MOL2TEXT = "Mol2Text"
 FAMILY_TEXT2MOL = "Text2Mol"
-FAMILIES = (FAMILY_MOL2MOL, FAMILY_MOL2NUM, FAMILY_MOL2TEXT, FAMILY_TEXT2MOL)
 
 OUTPUT_SELFIES = "selfies"
 OUTPUT_NUMBER = "number"  # a bare number (the JSON value may be a number or its string)

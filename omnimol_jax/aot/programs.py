@@ -14,29 +14,20 @@ import time
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from omnimol_jax import checkpoint as model_ckpt
 from omnimol_jax.aot.topology import Target
 from omnimol_jax.config import Config, parse_mixture
 from omnimol_jax.constants import NUM_ATOM_FEATURES, NUM_BOND_FEATURES
 from omnimol_jax.data.loader import leaf_sharding, model_batch
 from omnimol_jax.data.packing import BatchAssembler, single_sample_row
 from omnimol_jax.inference.decoding import GenerationConfig, Generator, build_prompt_batch
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.sharding import batch_sharding, build_mesh, state_shardings, use_mesh
 from omnimol_jax.tasks import PAPER_TASKS, TASK_KEYS
 from omnimol_jax.train.flops import step_costs
-from omnimol_jax.train.recipes import run_trainable_filter
-from omnimol_jax.train.step import (
-    StateLayout,
-    TrainState,
-    flatten_state,
-    jit_train_step,
-    make_optimizer,
-    run_step_functions,
-)
+from omnimol_jax.train.program import run_train_program
 
 DTYPE_BYTES = re.compile(r"\b(pred|s8|u8|s16|u16|f16|bf16|s32|u32|f32|s64|u64|f64)\[([\d,]*)\]")
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
@@ -210,28 +201,13 @@ def _with_shardings(tree, shardings):
 def compile_train_step(config: Config, target: Target) -> ProgramReport:
     """Lowers and compiles the trainer's jitted step for `target` (see the module docstring)."""
     mesh = build_mesh(config.mesh, target.devices)
-    abstract_model = nnx.eval_shape(model_ckpt.omnimol_constructor(config.model, config.graph, seed=config.seed))
+    abstract_model = nnx.eval_shape(omnimol_constructor(config.model, config.graph, seed=config.seed))
     graphdef, abstract_state = nnx.split(abstract_model)
     model = nnx.merge(graphdef, _with_shardings(abstract_state, state_shardings(abstract_state, mesh)))
-    graphdef, trainable, frozen = nnx.split(model, run_trainable_filter(config), ...)
-    layout = StateLayout.of(trainable)
-    flat_trainable = flatten_state(trainable)
-    tx, schedule = make_optimizer(config.train)
-    steps = run_step_functions(config, graphdef, layout, tx, schedule, num_tasks(config))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    with use_mesh(mesh):
-        # The optimizer state is laid out as the trainer's eager tx.init lays it out: like its parameters.
-        init = jax.jit(tx.init).lower(flat_trainable).compile()
-        opt_state = _with_shardings(jax.eval_shape(tx.init, flat_trainable), init.output_shardings)
-    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-    key = jax.ShapeDtypeStruct(jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))).shape, jnp.uint32,
-                               sharding=replicated)
-    state = TrainState(step=scalar, trainable=flat_trainable, opt_state=opt_state, rng=key,
-                       nonfinite_in_a_row=scalar, skipped_total=scalar)
-    state_shardings_tree = jax.tree.map(lambda x: x.sharding, state)
-    frozen_shardings = jax.tree.map(lambda x: x.sharding, frozen)
+    program = run_train_program(model, config, num_tasks(config))
+    state, frozen = program.abstract_state(mesh), program.frozen
     batches = abstract_micro_batches(config, mesh, target.num_hosts)
-    train_step = jit_train_step(steps.train_step, state_shardings_tree, frozen_shardings)
+    train_step = program.jitted_train_step(state)
     start = time.perf_counter()
     with use_mesh(mesh):
         lowered = train_step.lower(state, frozen, batches)
@@ -249,7 +225,7 @@ def compile_generation(config: Config, target: Target, rows: int, prompt_len: in
                        ) -> ProgramReport:
     """The greedy generation program (prefill of a left-padded prompt batch + the decode loop) for `target`."""
     mesh = build_mesh(config.mesh, target.devices)
-    abstract_model = nnx.eval_shape(model_ckpt.omnimol_constructor(config.model, config.graph, seed=config.seed))
+    abstract_model = nnx.eval_shape(omnimol_constructor(config.model, config.graph, seed=config.seed))
     pad = config.model.pad_token_id or 0
     generator = Generator(abstract_model, pad_token_id=pad, stop_token_ids=[config.model.eos_token_id or 1],
                           mesh=mesh)

@@ -80,11 +80,11 @@ def _info(args) -> int:
         import jax
         from flax import nnx
 
-        from omnimol_jax.model.llama import LlamaForCausalLM
+        from omnimol_jax.model.build import llama_constructor
         from omnimol_jax.sharding import build_mesh, state_shardings
 
         mesh = build_mesh(config.mesh)
-        abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config.model, rngs=nnx.Rngs(0)))
+        abstract = nnx.eval_shape(llama_constructor(config.model))
         shardings = state_shardings(nnx.state(abstract, nnx.Param), mesh)
         print(f"# mesh: {dict(mesh.shape)} over {len(jax.devices())} device(s)")
         for path, variable in nnx.to_flat_state(shardings):
@@ -93,15 +93,9 @@ def _info(args) -> int:
 
 
 def _init(args) -> int:
-    from flax import nnx
 
-    from omnimol_jax.checkpoint import (
-        module_params,
-        omnimol_constructor,
-        save_model_checkpoint,
-        save_omnimol_checkpoint,
-    )
-    from omnimol_jax.model.llama import LlamaForCausalLM
+    from omnimol_jax.checkpoint import module_params, save_model_checkpoint, save_omnimol_checkpoint
+    from omnimol_jax.model.build import llama_constructor, omnimol_constructor
     from omnimol_jax.sharding import build_mesh, create_sharded_model
 
     config = load_run_config(args)
@@ -112,7 +106,7 @@ def _init(args) -> int:
         save_omnimol_checkpoint(args.out, config.model, config.graph, model, overwrite=args.overwrite,
                                 extra_metadata=source)
     else:
-        model = create_sharded_model(lambda: LlamaForCausalLM(config.model, rngs=nnx.Rngs(config.seed)), mesh)
+        model = create_sharded_model(llama_constructor(config.model, seed=config.seed), mesh)
         save_model_checkpoint(args.out, config.model, module_params(model), overwrite=args.overwrite,
                               extra_metadata=source)
     print(f"wrote {args.out}")

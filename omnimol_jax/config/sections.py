@@ -159,10 +159,6 @@ class ModelConfig:
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
     moge: MoGEConfig = dataclasses.field(default_factory=MoGEConfig)
 
-    @property
-    def num_query_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     def position_overflow(self, prompt_tokens: int, new_tokens: int) -> Optional[str]:
         """Why a prompt plus its generation does not fit the model's positions, or None when it does."""
         if prompt_tokens + new_tokens <= self.max_position_embeddings:

@@ -28,7 +28,6 @@ from omnimol_jax.checkpoint import (
     ASSETS_DIR,
     atomic_directory,
     load_params,
-    omnimol_constructor,
     path_text,
     read_graph_config,
     read_metadata,
@@ -69,6 +68,7 @@ from omnimol_jax.convert.release_layout import (
     to_release,
     with_graph_width,
 )
+from omnimol_jax.model.build import omnimol_constructor
 
 logger = logging.getLogger(__name__)
 

@@ -44,7 +44,6 @@ PROTOCOL_REFERENCE = "reference"
 PROTOCOL_STRICT = "strict"
 PROTOCOLS = (PROTOCOL_REFERENCE, PROTOCOL_STRICT)
 
-MOLECULE_METRICS = ("validity", "exact_match", "bleu", "levenshtein", "maccs_fts", "rdk_fts", "morgan_fts")
 
 _MORGAN = rdFingerprintGenerator.GetMorganGenerator(radius=2)
 

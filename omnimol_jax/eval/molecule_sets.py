@@ -24,7 +24,6 @@ from omnimol_jax.eval.mol_metrics import parse_selfies
 
 logger = logging.getLogger(__name__)
 
-SET_METRICS = ("uniqueness", "novelty", "fcd")
 
 
 def canonical_molecules(selfies_texts: Iterable[str], protocol: str) -> list[str]:

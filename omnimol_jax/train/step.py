@@ -176,15 +176,6 @@ def make_step_functions(graphdef, layout: StateLayout, tx: optax.GradientTransfo
     return StepFunctions(train_step=train_step, eval_step=eval_step)
 
 
-def run_step_functions(config, graphdef, layout: StateLayout, tx: optax.GradientTransformation, schedule: Callable,
-                       num_tasks: int) -> StepFunctions:
-    """The step functions a run config asks for (what the trainer runs and `omnimol compile` compiles)."""
-    return make_step_functions(graphdef, layout, tx, num_tasks=num_tasks,
-                               aux_loss_coef=config.model.moge.aux_loss_coef,
-                               task_balanced=config.train.task_balanced_loss, schedule=schedule,
-                               loss_chunk=config.train.loss_chunk)
-
-
 def jit_train_step(train_step: Callable, state_shardings: Any, frozen_shardings: Any):
     """The train step as the trainer runs it (and `omnimol compile` compiles it): explicit shardings of the state
     and the frozen weights, the batch as placed, the state donated."""

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -36,6 +35,7 @@ from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.data.tokenizer import load_chat_tokenizer
 from omnimol_jax.errors import RunError
 from omnimol_jax.graph_batch import node_mask
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.gin import mean_pairwise_cosine
 from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
 from omnimol_jax.train.backbone import resolve_backbone, tokenizer_folder
@@ -55,16 +55,10 @@ from omnimol_jax.train.hooks import (
     UntilStepHook,
 )
 from omnimol_jax.train.metrics_log import MetricLogger, plot_run
+from omnimol_jax.train.program import run_train_program
 from omnimol_jax.train.recipes import run_trainable_filter
 from omnimol_jax.train.run_directory import RunDirectory
-from omnimol_jax.train.step import (
-    StateLayout,
-    TrainState,
-    flatten_state,
-    jit_train_step,
-    make_optimizer,
-    run_step_functions,
-)
+from omnimol_jax.train.step import TrainState
 from omnimol_jax.train.validation import Validation
 
 logger = logging.getLogger(__name__)
@@ -140,10 +134,8 @@ class Trainer:
                               f"{self.tokenizer_dir} has {self.pipeline.tokenizer.vocab_size} tokens")
         self.pipeline.check_records(say=self.say, progress=self.progress and self.process_index == 0)
         self._build_model()
-        self.tx, self.schedule = make_optimizer(config.train)
-        steps = run_step_functions(config, self.graphdef, self.layout, self.tx, self.schedule, self.num_tasks)
-        self._train_step_fn = steps.train_step
-        self.validation = Validation(config, self.pipeline.tokenizer, self.task_names, steps.eval_step, self.mesh,
+        self.validation = Validation(config, self.pipeline.tokenizer, self.task_names, self.program.steps.eval_step,
+                                     self.mesh,
                                      say=self.say, task_values=self.pipeline.values)
 
     def _open_checkpoints(self) -> RunCheckpoints:
@@ -154,7 +146,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.config
-        constructor = model_ckpt.omnimol_constructor(cfg.model, cfg.graph, seed=cfg.seed)
+        constructor = omnimol_constructor(cfg.model, cfg.graph, seed=cfg.seed)
         model = create_sharded_model(constructor, self.mesh)
         trains = run_trainable_filter(cfg)
         frozen_dir = self.output_dir / "frozen"
@@ -171,12 +163,10 @@ class Trainer:
             model = nnx.merge(graphdef, trainable, frozen)
         else:
             self._initialise_weights(model)
-        graphdef, trainable, frozen = nnx.split(model, trains, ...)
-        self.graphdef, self.frozen = graphdef, frozen
-        self.layout = StateLayout.of(trainable)
-        self.initial_trainable = flatten_state(trainable)
+        self.program = run_train_program(model, cfg, self.num_tasks)
+        self.frozen, self.initial_trainable = self.program.frozen, self.program.trainable
         n_train = sum(x.size for x in jax.tree.leaves(self.initial_trainable))
-        n_frozen = sum(x.size for x in jax.tree.leaves(frozen))
+        n_frozen = sum(x.size for x in jax.tree.leaves(self.frozen))
         self.say(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen (stage {cfg.train.stage})")
         if n_train == 0:
             raise TrainingError("no trainable parameters: stage 2 needs model.lora.enabled or model.moge.enabled, "
@@ -250,17 +240,6 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ state
 
-    def _initial_state(self) -> TrainState:
-        trainable = self.initial_trainable
-        with use_mesh(self.mesh):
-            opt_state = self.tx.init(trainable)
-        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        scalar = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), replicated)  # noqa: E731
-        rng = jax.device_put(jax.random.key_data(jax.random.key(self.config.seed)), replicated)
-        opt_state = jax.tree.map(lambda x: x if getattr(x, "ndim", 0) else jax.device_put(x, replicated), opt_state)
-        return TrainState(step=scalar(0), trainable=trainable, opt_state=opt_state, rng=rng,
-                          nonfinite_in_a_row=scalar(0), skipped_total=scalar(0))
-
     def _save_frozen(self) -> None:
         """Written at a fresh start, replacing one left by an earlier start that never reached a checkpoint (every
         process saves: the Orbax write is collective)."""
@@ -316,9 +295,8 @@ class Trainer:
             return self._already_complete(cfg.train.max_steps, state=None)
         if self.checkpoints is None:
             self.checkpoints = self._open_checkpoints()
-        state = self._initial_state()
-        state_shardings = jax.tree.map(lambda x: x.sharding, state)
-        frozen_shardings = jax.tree.map(lambda x: x.sharding, self.frozen)
+        state = self.program.initial_state(cfg.seed, self.mesh)
+        train_step = self.program.jitted_train_step(state)
         data = self.pipeline.iterator()
         restored = self.checkpoints.restore_latest(abstract_like(state), data, warn=self.say)
         if restored is not None:
@@ -334,7 +312,6 @@ class Trainer:
             data.close()
             self.checkpoints.close()
             return self._already_complete(start_step, state)
-        train_step = jit_train_step(self._train_step_fn, state_shardings, frozen_shardings)
         run = RunState(state=state, data=data, start_step=start_step)
         metric_logger = (MetricLogger(self.output_dir, self.task_names, resume_step=start_step,
                                       max_steps=cfg.train.max_steps) if self.process_index == 0 else None)
@@ -427,7 +404,7 @@ class Trainer:
 
     def export(self, state: TrainState, directory: Path) -> Path:
         self._remove_stale_partials(Path(directory).name)
-        model = nnx.merge(self.graphdef, self.layout.unflatten(state.trainable), self.frozen)
+        model = nnx.merge(self.program.graphdef, self.program.layout.unflatten(state.trainable), self.frozen)
         tokenizer_dir = self.tokenizer_dir
         model_ckpt.save_omnimol_checkpoint(
             directory, self.config.model, self.config.graph, model, overwrite=True,

@@ -11,7 +11,7 @@ import selfies
 from rapidfuzz.distance import Levenshtein
 from rdkit import Chem
 
-from omnimol_jax.checkpoint import omnimol_constructor, save_omnimol_checkpoint
+from omnimol_jax.checkpoint import save_omnimol_checkpoint
 from omnimol_jax.cli import main as cli_main
 from omnimol_jax.config import GraphConfig, model_config_from_preset
 from omnimol_jax.data.corpus import CorpusConfig, build_corpus
@@ -19,6 +19,7 @@ from omnimol_jax.data.tokenizer import load_chat_tokenizer
 from omnimol_jax.eval import runner
 from omnimol_jax.inference import Generator
 from omnimol_jax.inference.session import record_seed
+from omnimol_jax.model.build import omnimol_constructor
 
 pytestmark = pytest.mark.xdist_group("eval_cli")  # module fixtures: keep the module on one worker
 

@@ -13,18 +13,13 @@ import torch
 import transformers
 from flax import nnx
 
-from omnimol_jax.checkpoint import (
-    load_llama,
-    module_state,
-    omnimol_constructor,
-    save_model_checkpoint,
-    save_omnimol_checkpoint,
-)
+from omnimol_jax.checkpoint import load_llama, module_state, save_model_checkpoint, save_omnimol_checkpoint
 from omnimol_jax.cli import main as cli_main
 from omnimol_jax.config import GraphConfig, model_config_from_preset
 from omnimol_jax.convert import safetensors_io as st
 from omnimol_jax.convert.hf_export import export_hf
 from omnimol_jax.convert.hf_llama import HFConversionError
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.llama import LlamaForCausalLM
 from omnimol_jax.model.lora import LoRA, RouterWeight
 

@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from omnimol_jax.checkpoint import (
     load_omnimol,
     module_state,
-    omnimol_constructor,
     read_metadata,
     save_model_checkpoint,
     save_omnimol_checkpoint,
@@ -32,6 +31,7 @@ from omnimol_jax.convert.release import export_release, import_release
 from omnimol_jax.convert.release_layout import ReleaseFormatError, adapter_overrides
 from omnimol_jax.data.featurize import selfies_to_graph
 from omnimol_jax.inference.decoding import build_prompt_batch
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.lora import LoRA, RouterWeight
 
 pytestmark = pytest.mark.xdist_group("release")

@@ -12,11 +12,11 @@ from omnimol_jax.checkpoint import (
     load_omnimol,
     module_params,
     module_state,
-    omnimol_constructor,
     save_model_checkpoint,
     save_omnimol_checkpoint,
 )
 from omnimol_jax.config import GraphConfig, LoRAConfig, MeshConfig, MoGEConfig, model_config_from_preset
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.sharding import build_mesh
 
 

@@ -10,7 +10,6 @@ import selfies
 from flax import nnx
 from rdkit import Chem, RDLogger
 
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, MeshConfig, model_config_from_preset
 from omnimol_jax.constants import IMAGE_TOKEN_ID
 from omnimol_jax.data.featurize import smiles_to_graph
@@ -26,6 +25,7 @@ from omnimol_jax.inference import (
 )
 from omnimol_jax.inference.decoding import _filter_logits
 from omnimol_jax.inference.selfies_constraint import START_STATE, is_structure_symbol
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.llama import LlamaForCausalLM
 from omnimol_jax.sharding import build_mesh, shard_module
 

@@ -12,21 +12,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, TrainConfig, model_config_from_preset
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from omnimol_jax.data.featurize import selfies_to_graph
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.llama import REMAT_POLICIES
+from omnimol_jax.train.program import build_train_program
 from omnimol_jax.train.recipes import trainable_filter
-from omnimol_jax.train.step import (
-    StateLayout,
-    TrainState,
-    flatten_state,
-    make_optimizer,
-    make_step_functions,
-    token_losses,
-)
+from omnimol_jax.train.step import make_optimizer, token_losses
 
 pytestmark = pytest.mark.xdist_group("remat")
 
@@ -57,17 +51,20 @@ def setup(policy: str, recipe: str):
     config = dataclasses.replace(BASE, remat_policy=policy)
     stage, unfreeze = RECIPES[recipe]
     model = omnimol_constructor(config, GRAPH, seed=0)()
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(stage, unfreeze), ...)
+    tx, schedule = make_optimizer(TrainConfig(max_steps=10, learning_rate=1e-2, warmup_ratio=0.0))
+    program = build_train_program(model, trainable_filter(stage, unfreeze), tx, schedule, num_tasks=1,
+                                  aux_loss_coef=0.01)
     rng = np.random.default_rng(1)  # B away from zero, so the adapters shape the loss
     params = {k: (jnp.asarray(rng.normal(0, 0.1, v.shape), v.dtype) if k.endswith("/b") else v)
-              for k, v in flatten_state(trainable).items()}
-    return graphdef, StateLayout.of(trainable), params, frozen
+              for k, v in program.trainable.items()}
+    return program, params
 
 
 def gradients(policy: str, recipe: str):
     """(loss, gradients) on three batches at the same parameters, each with its own dropout key: the frozen
     weights enter from outside the gradient trace, as in the train step."""
-    graphdef, layout, params, frozen = setup(policy, recipe)
+    program, params = setup(policy, recipe)
+    graphdef, layout, frozen = program.graphdef, program.layout, program.frozen
 
     def loss(trainable, frozen, batch, key):
         ce, mask, _, aux = token_losses(nnx.merge(graphdef, layout.unflatten(trainable), frozen), batch, key)
@@ -83,14 +80,9 @@ def gradients(policy: str, recipe: str):
 
 def one_train_step(policy: str, recipe: str) -> dict:
     """The trainer's jitted train step (two micro-batches), which is where remat used to fail."""
-    graphdef, layout, params, frozen = setup(policy, recipe)
-    tx, schedule = make_optimizer(TrainConfig(max_steps=10, learning_rate=1e-2, warmup_ratio=0.0))
-    functions = make_step_functions(graphdef, layout, tx, num_tasks=1, aux_loss_coef=0.01, task_balanced=False,
-                                    schedule=schedule)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(0)),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    program, params = setup(policy, recipe)
     micro = jax.tree.map(lambda *x: np.stack(x), graph_batch(0), graph_batch(1))
-    _, metrics = jax.jit(functions.train_step)(state, frozen, micro)
+    _, metrics = jax.jit(program.steps.train_step)(program.initial_state(trainable=params), program.frozen, micro)
     return {k: float(metrics[k]) for k in ("loss", "grad_norm", "aux_loss")}
 
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, model_config_from_preset
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
 from omnimol_jax.data.featurize import selfies_to_graph
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
+from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.layer_scan import Segment, scan_plan
 from omnimol_jax.model.llama import LlamaForCausalLM
 from omnimol_jax.train.flops import compiled_flops, step_costs

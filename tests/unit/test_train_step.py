@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from omnimol_jax.checkpoint import omnimol_constructor
 from omnimol_jax.config import GraphConfig, LoRAConfig, TrainConfig, model_config_from_preset
 from omnimol_jax.constants import IGNORE_INDEX
+from omnimol_jax.model.build import omnimol_constructor
+from omnimol_jax.train.program import build_train_program
 from omnimol_jax.train.recipes import trainable_filter
-from omnimol_jax.train.step import StateLayout, TrainState, flatten_state, make_optimizer, make_step_functions
+from omnimol_jax.train.step import make_optimizer
 
 CONFIG = dataclasses.replace(model_config_from_preset("tiny"), lora=LoRAConfig(enabled=True, rank=4, dropout=0.0))
 
@@ -28,16 +29,13 @@ def text_batch(seed: int, rows: int = 4, seq: int = 12) -> dict:
 
 def setup(task_balanced: bool):
     model = omnimol_constructor(CONFIG, GraphConfig(num_layers=1, hidden_size=8), seed=0)()
-    graphdef, trainable, frozen = nnx.split(model, trainable_filter(2), ...)
+    tx, schedule = make_optimizer(TrainConfig(max_steps=10, learning_rate=1e-2, warmup_ratio=0.0))
+    program = build_train_program(model, trainable_filter(2), tx, schedule, num_tasks=3,
+                                  task_balanced=task_balanced)
     rng = np.random.default_rng(1)
     params = {k: (jnp.asarray(rng.normal(0, 0.05, v.shape), v.dtype) if k.endswith("/b") else v)
-              for k, v in flatten_state(trainable).items()}
-    tx, schedule = make_optimizer(TrainConfig(max_steps=10, learning_rate=1e-2, warmup_ratio=0.0))
-    steps = make_step_functions(graphdef, StateLayout.of(trainable), tx, num_tasks=3, aux_loss_coef=0.0,
-                                task_balanced=task_balanced, schedule=schedule)
-    state = TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), jax.random.key_data(jax.random.key(0)),
-                       jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
-    return steps, state, frozen
+              for k, v in program.trainable.items()}
+    return program.steps, program.initial_state(trainable=params), program.frozen
 
 
 def stack(*batches):
