@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--modes", default="pack,bucket,pad")
     args = parser.parse_args()
 
-    from omnimol_jax.data import corpus
+    from omnimol_jax import corpus
 
     with tempfile.TemporaryDirectory() as scratch:
         data_dir = args.data_dir

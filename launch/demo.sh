@@ -10,7 +10,7 @@ OMNIMOL=${OMNIMOL:-.venv/bin/omnimol}
 SIZE=${DEMO_SIZE:-600}
 
 PYTHON=${PYTHON:-$(dirname "$OMNIMOL")/python}
-if [ -f "$DATA/manifest.json" ] && ! "$PYTHON" -c "import json, sys; from omnimol_jax.data.corpus import CORPUS_VERSION
+if [ -f "$DATA/manifest.json" ] && ! "$PYTHON" -c "import json, sys; from omnimol_jax.corpus import CORPUS_VERSION
 sys.exit(json.load(open('$DATA/manifest.json')).get('version') != CORPUS_VERSION)"; then
   echo "== $DATA was built by an older build-data (another tokenizer): moving it to $DATA.stale and rebuilding"
   rm -rf "$DATA.stale" && mv "$DATA" "$DATA.stale"

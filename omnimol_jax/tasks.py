@@ -13,10 +13,10 @@ the code, which is what released checkpoints were trained on.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-from typing import Any, Mapping, Optional, Sequence
+import difflib
+from typing import Optional, Sequence
 
-from omnimol_jax.constants import IMAGE_PLACEHOLDER
+from omnimol_jax.errors import InputError
 
 FAMILY_MOL2MOL = "Mol2Mol"
 FAMILY_MOL2NUM = "Mol2Num"
@@ -217,52 +217,61 @@ def default_instruction(key: str) -> Optional[str]:
     return options[0] if options else None
 
 
-def answer_text(spec: TaskSpec, record: Mapping[str, Any]) -> str:
-    """The assistant answer as the model sees it (numbers are written as the public code does: str())."""
-    output = record["output"]
-    return output if isinstance(output, str) else str(output)
+# The one meaning of a task list, wherever a user writes one (data.tasks, eval --tasks): task keys joined by '/' or
+# ',', each optionally ':value' (a kept fraction, or a weight); "all" = every task with a file in the data folder,
+# "paper" = those among the paper's 16.
+ALL_TASKS, PAPER_TASK_SET = "all", "paper"
 
 
-def choose_question(spec: TaskSpec, record: Mapping[str, Any], draw: Optional[int] = None) -> str:
-    """Picks the molcap question. `draw` (e.g. from the pipeline's per-sample RNG) selects it; without it the
-    choice is a stable hash of the input, so rendering a record twice gives the same prompt."""
-    pool = spec.question_pool
-    if draw is None:
-        draw = int.from_bytes(hashlib.blake2b(str(record.get("input", "")).encode(), digest_size=4).digest(), "little")
-    return pool[draw % len(pool)]
+class TaskListError(InputError):
+    """A task list that names no task, an unknown one, one twice, or a value its mode does not allow."""
 
 
-def user_text(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optional[int] = None) -> str:
-    """The user turn after the placeholder, exactly as the public code writes it."""
-    instruction = choose_question(spec, record, question_draw) if spec.question_pool else record["instruction"]
-    return spec.user_template.format(instruction=instruction, input=record["input"])
+def parse_task_list(text: str | Sequence[str], mode: str = "names", key: str = "--tasks"
+                    ) -> list[tuple[str, Optional[float]]]:
+    """'forward:1/retrosynthesis:0.5' -> [('forward', 1.0), ('retrosynthesis', 0.5)]; 'all' / 'paper' ->
+    [('all', None)] / [('paper', None)], resolved by `resolve_task_list` against the files present.
 
-
-def user_message(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optional[int] = None) -> str:
-    """The whole user turn: the `<image>` placeholder line for graph tasks, then the user text."""
-    text = user_text(spec, record, question_draw)
-    return f"{IMAGE_PLACEHOLDER}\n{text}" if spec.has_graph else text
-
-
-def chat_text(spec: TaskSpec, record: Mapping[str, Any], question_draw: Optional[int] = None,
-              with_answer: bool = True, system: str = SYSTEM_PROMPT) -> str:
-    """The full llama3 conversation string of docs/omnimol.md (one BOS written; the tokenizer may add the second)."""
-    text = (f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>"
-            f"<|start_header_id|>user<|end_header_id|>\n\n{user_message(spec, record, question_draw)}<|eot_id|>"
-            f"<|start_header_id|>assistant<|end_header_id|>\n\n")
-    if with_answer:
-        text += f"{answer_text(spec, record)}<|eot_id|>"
-    return text
-
-
-def parse_task_list(text: str | Sequence[str]) -> list[str]:
-    """'forward/logp' or 'forward,logp' or a list -> validated task keys ('all' = the 16 paper tasks)."""
-    if isinstance(text, str):
-        parts = [p.strip() for p in text.replace(",", "/").split("/") if p.strip()]
-    else:
-        parts = [str(p).strip() for p in text]
-    if parts == ["all"]:
-        return list(PAPER_TASKS)
+    mode "names": no values; "concat": a value is the kept fraction, in (0, 1] (the public code subsamples, never
+    upweights); "weighted": any positive weight. Errors name `key` (data.tasks, --tasks)."""
+    parts = ([p.strip() for p in text.replace(",", "/").split("/")] if isinstance(text, str)
+             else [str(p).strip() for p in text])
+    parts = [p for p in parts if p]
+    if parts in ([ALL_TASKS], [PAPER_TASK_SET]):
+        return [(parts[0], None)]
+    shown = "/".join(parts)
+    entries = []
     for part in parts:
-        get_task(part.split(":")[0])
-    return parts
+        name, colon, value = (p.strip() for p in part.partition(":"))
+        if name not in TASKS:
+            close = difflib.get_close_matches(name, TASK_KEYS, n=1, cutoff=0.5)
+            raise TaskListError(f"{key}: unknown task {name!r}" + (f"; did you mean {close[0]!r}?" if close else "")
+                                + f" (known: {', '.join(TASK_KEYS)})")
+        if colon and mode == "names":
+            raise TaskListError(f"{key}: {part!r}: a task list here takes names only")
+        try:
+            number = float(value) if value else 1.0
+        except ValueError:
+            raise TaskListError(f"{key}: mixture entry {part!r}: {value!r} is not a number") from None
+        if mode == "concat" and not 0.0 < number <= 1.0:
+            raise TaskListError(f"{key}: mixture entry {part!r}: in concat mode a task keeps a fraction in (0, 1] "
+                                "of its records (use mixture=weighted to upweight)")
+        if mode == "weighted" and not number > 0.0:
+            raise TaskListError(f"{key}: mixture entry {part!r}: weights must be > 0")
+        entries.append((name, number))
+    if not entries:
+        raise TaskListError(f"{key}: no task in {shown!r}")
+    names = [n for n, _ in entries]
+    if len(set(names)) != len(names):
+        raise TaskListError(f"{key}: a task appears twice in {shown!r}")
+    return entries
+
+
+def resolve_task_list(entries: Sequence[tuple[str, Optional[float]]], available: Sequence[str]
+                      ) -> list[tuple[str, float]]:
+    """Entries of `parse_task_list` with "all" / "paper" replaced by the `available` tasks (those with a file),
+    each of value 1.0; an explicit list stays as written."""
+    if entries and entries[0][1] is None:
+        wanted = [name for name in available if entries[0][0] == ALL_TASKS or name in PAPER_TASKS]
+        return [(name, 1.0) for name in wanted]
+    return [(name, float(value)) for name, value in entries]

@@ -17,15 +17,15 @@ import jax
 import numpy as np
 from flax import nnx
 
+from omnimol_jax import tasks
 from omnimol_jax.aot.topology import Target
-from omnimol_jax.config import Config, parse_mixture
+from omnimol_jax.config import Config
 from omnimol_jax.constants import NUM_ATOM_FEATURES, NUM_BOND_FEATURES
 from omnimol_jax.data.loader import leaf_sharding, model_batch
 from omnimol_jax.data.packing import BatchAssembler, single_sample_row
 from omnimol_jax.inference.decoding import GenerationConfig, Generator, build_prompt_batch
 from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.sharding import batch_sharding, build_mesh, state_shardings, use_mesh
-from omnimol_jax.tasks import PAPER_TASKS, TASK_KEYS
 from omnimol_jax.train.flops import step_costs
 from omnimol_jax.train.program import run_train_program
 
@@ -158,12 +158,9 @@ def _report(name: str, compiled, compile_s: float, target: Target,
 
 
 def num_tasks(config: Config) -> int:
-    entries = parse_mixture(config.data.tasks, config.data.mixture)
-    if entries[0][0] == "all":
-        return len(TASK_KEYS)
-    if entries[0][0] == "paper":
-        return len(PAPER_TASKS)
-    return len(entries)
+    """Tasks of the config's list, "all" counted as every task the registry knows (no data folder is read)."""
+    return len(tasks.resolve_task_list(tasks.parse_task_list(config.data.tasks, config.data.mixture,
+                                                             key="data.tasks"), tasks.TASK_KEYS))
 
 
 def host_batch(config: Config) -> dict:

@@ -1,4 +1,4 @@
-"""`omnimol build-data`: writes the built-in corpus (see omnimol_jax.data.corpus)."""
+"""`omnimol build-data`: writes the built-in corpus (see omnimol_jax.corpus)."""
 from __future__ import annotations
 
 import argparse
@@ -18,7 +18,7 @@ def _size(text: str) -> int | None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from omnimol_jax.data.corpus import BUILTIN_TASKS, LEFT_OUT_TASKS  # light: no RDKit work at import
+    from omnimol_jax.corpus import BUILTIN_TASKS, LEFT_OUT_TASKS  # light: no RDKit work at import
 
     left_out = "; ".join(f"{task}: {why}" for task, why in LEFT_OUT_TASKS.items())
     parser = subparsers.add_parser(
@@ -66,7 +66,7 @@ def run_build_tokenizer(args: argparse.Namespace) -> int:
 def run_build_data(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from omnimol_jax.data.corpus import CorpusConfig, build_corpus
+    from omnimol_jax.corpus import CorpusConfig, build_corpus
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tasks = tuple(t.strip() for t in args.tasks.split(",") if t.strip())

@@ -42,7 +42,6 @@ from omnimol_jax.config.sections import (
     MoGELayerSet,
     RematPolicy,
     TrainConfig,
-    parse_mixture,
 )
 
 __all__ = [
@@ -50,5 +49,5 @@ __all__ = [
     "GraphConfig", "InitConfig", "LoRAConfig", "LoRATarget", "MIXTURE_MODES", "MODEL_PRESET_DIR", "MOVED_KEYS",
     "MeshConfig", "MoGEConfig", "MoGELayerSet", "ModelConfig", "OVERLONG_MODES", "RematPolicy", "TrainConfig",
     "available_model_presets", "build_dataclass", "load_config", "load_model_preset", "mesh_config_from_text",
-    "model_config_from_preset", "parse_mixture", "parse_override", "read_yaml", "resolve_raw", "save_config",
+    "model_config_from_preset", "parse_override", "read_yaml", "resolve_raw", "save_config",
 ]

@@ -299,7 +299,10 @@ class DataConfig:
         _require(boundaries == sorted(boundaries) and all(b > 0 for b in boundaries)
                  and (not boundaries or boundaries[-1] <= self.seq_len), "data.bucket_boundaries",
                  f"must be increasing, positive and at most seq_len, got {boundaries}")
-        parse_mixture(self.tasks, self.mixture)
+        try:
+            tasks.parse_task_list(self.tasks, self.mixture, key="data.tasks")
+        except tasks.TaskListError as err:
+            raise ConfigError(str(err)) from None
 
     @property
     def row_nodes(self) -> int:
@@ -324,41 +327,6 @@ class DataConfig:
 
     def tokenizer_path(self) -> Path:
         return Path(self.tokenizer) if self.tokenizer else Path(self.data_dir) / "tokenizer"
-
-
-def parse_mixture(text: str, mixture: str = "concat") -> list[tuple[str, Optional[float]]]:
-    """'forward:1/retrosynthesis:0.5' -> [('forward', 1.0), ('retrosynthesis', 0.5)]; 'all' / 'paper' ->
-    [('all', None)] / [('paper', None)] (resolved against the files present).
-
-    In concat mode a value is the kept fraction, in (0, 1] (the public code subsamples, never upweights);
-    in weighted mode any positive weight. Errors are ConfigErrors naming `data.tasks`.
-    """
-    text = text.strip()
-    if text in ("all", "paper"):
-        return [(text, None)]
-    entries = []
-    for part in text.replace(",", "/").split("/"):
-        part = part.strip()
-        if not part:
-            continue
-        name, _, value = part.partition(":")
-        name = name.strip()
-        _require(name in tasks.TASKS, "data.tasks", f"unknown task {name!r}{_suggest(name, tasks.TASK_KEYS)} "
-                 f"(known: {', '.join(tasks.TASK_KEYS)})")
-        try:
-            number = float(value) if value.strip() else 1.0
-        except ValueError:
-            raise ConfigError(f"data.tasks: mixture entry {part!r}: {value!r} is not a number") from None
-        if mixture == "concat":
-            _require(0.0 < number <= 1.0, "data.tasks", f"mixture entry {part!r}: in concat mode a task keeps a "
-                     "fraction in (0, 1] of its records (use mixture=weighted to upweight)")
-        if mixture == "weighted":
-            _require(number > 0.0, "data.tasks", f"mixture entry {part!r}: weights must be > 0")
-        entries.append((name, number))
-    _require(bool(entries), "data.tasks", f"no task in mixture {text!r}")
-    names = [n for n, _ in entries]
-    _require(len(set(names)) == len(names), "data.tasks", f"a task appears twice in mixture {text!r}")
-    return entries
 
 
 @dataclasses.dataclass

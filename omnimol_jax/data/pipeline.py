@@ -20,7 +20,7 @@ import grain
 from tqdm.auto import tqdm
 
 from omnimol_jax import tasks
-from omnimol_jax.config import ConfigError, DataConfig, parse_mixture
+from omnimol_jax.config import ConfigError, DataConfig
 from omnimol_jax.constants import FEATURE_MODES
 from omnimol_jax.data import molecules, readers
 from omnimol_jax.data.bucketing import BucketBatchesIterDataset
@@ -54,15 +54,12 @@ class Pipeline:
         self.feature_mode = feature_mode  # graph.feature_mode of the run config
         self.tokenizer = tokenizer or load_chat_tokenizer(config.tokenizer_path(), double_bos=config.double_bos,
                                                           chat_format=config.chat_format)
-        entries = parse_mixture(config.tasks, config.mixture)
-        if entries[0][1] is None:  # "all" or "paper"
-            names = readers.available_tasks(config.data_dir, config.layout) if sources is None else list(sources)
-            if entries[0][0] == "paper":
-                names = [name for name in names if name in tasks.PAPER_TASKS]
-            if not names:
-                raise readers.DataFormatError(f"data.data_dir: no task files in {config.data_dir} "
-                                              f"({config.layout} layout)")
-            entries = [(name, 1.0) for name in names]
+        available = readers.available_tasks(config.data_dir, config.layout) if sources is None else list(sources)
+        entries = tasks.resolve_task_list(tasks.parse_task_list(config.tasks, config.mixture, key="data.tasks"),
+                                          available)
+        if not entries:
+            raise readers.DataFormatError(f"data.data_dir: no task files in {config.data_dir} "
+                                          f"({config.layout} layout)")
         self.task_keys = [name for name, _ in entries]
         self.values = [float(value) for _, value in entries]
         if sources is None:

@@ -16,7 +16,7 @@ from omnimol_jax.constants import (
     NUM_ATOM_FEATURES,
     NUM_BOND_FEATURES,
 )
-from omnimol_jax.data import molecules, readers
+from omnimol_jax.data import molecules, prompts, readers
 from omnimol_jax.data.featurize import FeaturizationError, MolGraph
 from omnimol_jax.data.graph_slots import GraphSlotError, count_graph_slots, expand_image_placeholder
 from omnimol_jax.data.rejections import Rejection
@@ -86,12 +86,12 @@ class SampleBuilder:
             self._fail(spec, source, record_index, readers.REASON_TOO_LONG,
                        f"{num_nodes} atoms / {num_edges} bonds exceed the row budget "
                        f"{self.config.row_nodes} / {self.config.row_edges}")
-        answer = tasks.answer_text(spec, record)
+        answer = prompts.answer_text(spec, record)
         try:
-            ids, labels = self._encode(tasks.user_message(spec, record, draw), answer, num_nodes)
+            ids, labels = self._encode(prompts.user_message(spec, record, draw), answer, num_nodes)
             if len(ids) > self.config.seq_len and spec.question_pool and self.config.molcap_drop_selfies_if_too_long:
                 # The public code retries an over-long molcap sample with the question alone.
-                question = tasks.choose_question(spec, record, draw)
+                question = prompts.choose_question(spec, record, draw)
                 ids, labels = self._encode(f"{IMAGE_PLACEHOLDER}\n{question}" if spec.has_graph else question,
                                            answer, num_nodes)
         except (TokenizerError, GraphSlotError) as err:  # e.g. a literal "<image>" inside the record's text

@@ -378,10 +378,8 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     if options.mbr_samples and options.number_median:
         raise EvalError("--mbr-samples and --number-median are two ways to decode numbers: choose one")
     mbr_config = dataclasses.replace(config, temperature=options.temperature or 1.0) if options.mbr_samples else None
-    task_keys = (readers.available_tasks(options.data, options.layout) if options.tasks.strip() == "all"
-                 else [t.strip() for t in options.tasks.replace("/", ",").split(",") if t.strip()])
-    for key in task_keys:
-        tasks.get_task(key)
+    task_keys = [name for name, _ in tasks.resolve_task_list(tasks.parse_task_list(options.tasks, key="--tasks"),
+                                                             readers.available_tasks(options.data, options.layout))]
     if not task_keys:
         raise EvalError(f"no task files in {options.data} ({options.layout} layout)")
     protocols = PROTOCOLS if options.protocol == "both" else (options.protocol,)

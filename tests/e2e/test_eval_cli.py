@@ -14,7 +14,7 @@ from rdkit import Chem
 from omnimol_jax.checkpoint import save_omnimol_checkpoint
 from omnimol_jax.cli import main as cli_main
 from omnimol_jax.config import GraphConfig, model_config_from_preset
-from omnimol_jax.data.corpus import CorpusConfig, build_corpus
+from omnimol_jax.corpus import CorpusConfig, build_corpus
 from omnimol_jax.data.tokenizer import load_chat_tokenizer
 from omnimol_jax.eval import runner
 from omnimol_jax.inference import Generator

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import yaml
 
+from omnimol_jax import corpus
 from omnimol_jax.cli import main as cli_main
 from omnimol_jax.config import load_config
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from omnimol_jax.data import corpus
 from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.train.inspect_data import run_tokenizer
 from omnimol_jax.train.recipes import run_unfreeze

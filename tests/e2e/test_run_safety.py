@@ -16,7 +16,7 @@ import yaml
 from omnimol_jax.cli import main as cli_main
 from omnimol_jax.compile_watch import CompileWatch
 from omnimol_jax.config import load_config
-from omnimol_jax.data.corpus import CorpusConfig, build_corpus
+from omnimol_jax.corpus import CorpusConfig, build_corpus
 from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.data.readers import DataFormatError, open_task
 from omnimol_jax.train.run_directory import LOCK_FILE, OWNER_FILE, RunDirectory

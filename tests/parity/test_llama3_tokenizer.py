@@ -113,6 +113,7 @@ def test_one_prompt_per_task_gives_the_ids_written_down(llama3):
     from transformers import AutoTokenizer
 
     from omnimol_jax import tasks
+    from omnimol_jax.data import prompts
     from tests.data_records import RECORDS
 
     expected = json.loads((Path(__file__).parent / "data" / "llama3_task_ids.json").read_text())
@@ -121,7 +122,7 @@ def test_one_prompt_per_task_gives_the_ids_written_down(llama3):
     chat = load_chat_tokenizer(llama3, double_bos=True)
     for key, record in RECORDS.items():
         spec = tasks.get_task(key)
-        user, answer = tasks.user_message(spec, record, 0), tasks.answer_text(spec, record)
+        user, answer = prompts.user_message(spec, record, 0), prompts.answer_text(spec, record)
         encoded = chat.encode_chat(user, answer)
         supervised = [int(t) for t, label in zip(encoded.input_ids, encoded.labels) if label != IGNORE_INDEX]
         assert encoded.input_ids.tolist() == expected[key]["input_ids"], key

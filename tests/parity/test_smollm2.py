@@ -17,6 +17,7 @@ from omnimol_jax import tasks
 from omnimol_jax.cli import main as cli_main
 from omnimol_jax.constants import IGNORE_INDEX
 from omnimol_jax.convert.gguf_llama import GGUFError, imported_gguf, packaged_gguf, read_gguf_config
+from omnimol_jax.data import prompts
 from omnimol_jax.data.chat_format import ChatFormatError
 from omnimol_jax.data.tokenizer import load_chat_tokenizer
 from tests.data_records import RECORDS
@@ -75,8 +76,8 @@ def test_chat_template_ids_and_labels_equal_apply_chat_template(chat, reference_
     assert chat.stop_ids == (2,) and chat.pad_id == 2 and chat.call_prefix_ids == []
     for key, record in RECORDS.items():
         spec = tasks.without_graph(tasks.get_task(key))  # apply_chat_template knows no graph placeholder
-        user = tasks.user_message(spec, record, question_draw=0)
-        answer = tasks.answer_text(spec, record)
+        user = prompts.user_message(spec, record, question_draw=0)
+        answer = prompts.answer_text(spec, record)
         messages = [{"role": "system", "content": tasks.SYSTEM_PROMPT}, {"role": "user", "content": user}]
         expected = reference_tokenizer.apply_chat_template(
             messages + [{"role": "assistant", "content": answer}], tokenize=True)["input_ids"]

@@ -8,6 +8,7 @@ import tokenizers
 
 from omnimol_jax import tasks
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
+from omnimol_jax.data import prompts
 from omnimol_jax.data.chat_format import ChatFormatError
 from omnimol_jax.data.tokenizer import (
     LLAMA3_SPECIAL_TOKENS,
@@ -21,7 +22,7 @@ from tests.data_records import RECORDS
 # One worker per module under `pytest -n 2 --dist loadgroup`, so the module fixture is built once.
 pytestmark = pytest.mark.xdist_group("data_tokenizer")
 
-TEXTS = [tasks.chat_text(tasks.get_task(task), record, question_draw=0) for task, record in RECORDS.items()] * 20
+TEXTS = [prompts.chat_text(tasks.get_task(task), record, question_draw=0) for task, record in RECORDS.items()] * 20
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,10 @@ def _reference_ids(chat: ChatTokenizer, text: str) -> list[int]:
 @pytest.mark.parametrize("task", sorted(RECORDS))
 def test_encoding_matches_whole_string_encoding_and_labels_cover_only_the_answer(chat, task):
     spec, record = tasks.get_task(task), RECORDS[task]
-    answer = tasks.answer_text(spec, record)
-    encoded = chat.encode_chat(tasks.user_message(spec, record), answer)
+    answer = prompts.answer_text(spec, record)
+    encoded = chat.encode_chat(prompts.user_message(spec, record), answer)
     # Same ids as the public code's whole-string tokenisation (double BOS included).
-    assert encoded.input_ids.tolist() == _reference_ids(chat, tasks.chat_text(spec, record))
+    assert encoded.input_ids.tolist() == _reference_ids(chat, prompts.chat_text(spec, record))
     assert encoded.input_ids[:2].tolist() == [chat.bos_id, chat.bos_id]
     supervised = encoded.labels != IGNORE_INDEX
     answer_ids = chat.encode(answer) + [chat.end_of_turn_id]
@@ -107,7 +108,7 @@ def test_encoding_matches_whole_string_encoding_and_labels_cover_only_the_answer
         assert encoded.input_ids[encoded.image_position] == IMAGE_TOKEN_ID
         assert chat.decode(encoded.input_ids[encoded.image_position - 4:encoded.image_position]).endswith(
             "user<|end_header_id|>\n\n")
-    prompt = chat.encode_prompt(tasks.user_message(spec, record))
+    prompt = chat.encode_prompt(prompts.user_message(spec, record))
     assert encoded.input_ids[:len(prompt.input_ids)].tolist() == prompt.input_ids.tolist()
     assert len(prompt.input_ids) == len(encoded.input_ids) - len(answer_ids)
 
@@ -116,8 +117,8 @@ def test_single_bos_when_compatibility_flag_off(tokenizer_dir):
     single = load_chat_tokenizer(tokenizer_dir, double_bos=False)
     double = load_chat_tokenizer(tokenizer_dir)
     spec, record = tasks.get_task("homolumo"), RECORDS["homolumo"]
-    a = single.encode_chat(tasks.user_message(spec, record), "-0.2482").input_ids
-    b = double.encode_chat(tasks.user_message(spec, record), "-0.2482").input_ids
+    a = single.encode_chat(prompts.user_message(spec, record), "-0.2482").input_ids
+    b = double.encode_chat(prompts.user_message(spec, record), "-0.2482").input_ids
     assert a[0] == single.bos_id and a[1] != single.bos_id
     assert b.tolist() == [double.bos_id] + a.tolist()
 

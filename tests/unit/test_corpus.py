@@ -9,9 +9,9 @@ from rdkit import Chem
 from rdkit.Chem import AllChem, Crippen, Descriptors, GraphDescriptors, rdMolDescriptors
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from omnimol_jax import tasks
+from omnimol_jax import corpus, tasks
 from omnimol_jax.cli import data as cli, main
-from omnimol_jax.data import corpus, molecules, readers
+from omnimol_jax.data import molecules, readers
 
 # One worker per module under `pytest -n 2 --dist loadgroup`, so the module fixture is built once.
 pytestmark = pytest.mark.xdist_group("data_corpus")

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from omnimol_jax import tasks
-from omnimol_jax.config import ConfigError, DataConfig, parse_mixture
+from omnimol_jax import corpus, tasks
+from omnimol_jax.config import ConfigError, DataConfig
 from omnimol_jax.constants import IGNORE_INDEX, IMAGE_TOKEN_ID
-from omnimol_jax.data import corpus, molecules, readers
+from omnimol_jax.data import molecules, prompts, readers
 from omnimol_jax.data.loader import globalize_graph_indices
 from omnimol_jax.data.packing import batch_statistics
 from omnimol_jax.data.pipeline import Pipeline
@@ -48,17 +48,17 @@ def leaves(batch):
     return [np.asarray(x) for x in jax.tree.leaves(batch)]
 
 
-def test_parse_mixture():
-    assert parse_mixture("forward:1/retrosynthesis:0.5") == [("forward", 1.0), ("retrosynthesis", 0.5)]
-    assert parse_mixture("forward:2/logp:0.5", "weighted") == [("forward", 2.0), ("logp", 0.5)]
-    assert parse_mixture("molcap/iupac") == [("molcap", 1.0), ("iupac", 1.0)]
-    assert parse_mixture("all") == [("all", None)] and parse_mixture("paper") == [("paper", None)]
-    with pytest.raises(ValueError, match="fraction in \\(0, 1\\]"):
-        parse_mixture("forward:2")
+def test_a_mixture_is_a_task_list_with_values():
+    parse = tasks.parse_task_list
+    assert parse("forward:1/retrosynthesis:0.5", "concat") == [("forward", 1.0), ("retrosynthesis", 0.5)]
+    assert parse("forward:2/logp:0.5", "weighted") == [("forward", 2.0), ("logp", 0.5)]
+    assert parse("molcap/iupac", "concat") == [("molcap", 1.0), ("iupac", 1.0)]
+    with pytest.raises(tasks.TaskListError, match="fraction in \\(0, 1\\]"):
+        parse("forward:2", "concat")
     with pytest.raises(ConfigError, match="data.tasks: unknown task .forwad.; did you mean .forward."):
-        parse_mixture("forwad:1")
-    with pytest.raises(ValueError, match="appears twice"):
-        parse_mixture("logp/logp")
+        DataConfig(tasks="forwad:1").validate()
+    with pytest.raises(ConfigError, match="data.tasks: a task appears twice"):
+        DataConfig(tasks="logp/logp").validate()
 
 
 def test_all_and_paper_task_sets(data_dir, tokenizer):
@@ -129,7 +129,7 @@ def test_labels_cover_only_the_answer_and_slots_match_atoms(data_dir, tokenizer)
         spec = tasks.get_task(task)
         labels, ids = batch["labels"][b], batch["input_ids"][b]
         supervised = labels != IGNORE_INDEX
-        assert tokenizer.decode(labels[supervised]) == tasks.answer_text(spec, record) + "<|eot_id|>"
+        assert tokenizer.decode(labels[supervised]) == prompts.answer_text(spec, record) + "<|eot_id|>"
         assert (labels[supervised] == ids[supervised]).all()
         # supervision is one contiguous block ending right after the answer
         where = np.flatnonzero(supervised)
@@ -144,7 +144,7 @@ def test_labels_cover_only_the_answer_and_slots_match_atoms(data_dir, tokenizer)
         assert (batch["token_task_ids"][b][batch["segment_ids"][b] > 0] == task_index).all()
         # the decoded prompt is the chat text of docs/omnimol.md §5 with the placeholder expanded
         text = tokenizer.decode(np.where(ids == IMAGE_TOKEN_ID, -1, ids)[batch["segment_ids"][b] > 0])
-        assert text == tasks.chat_text(spec, record).replace("<image>", "").replace(
+        assert text == prompts.chat_text(spec, record).replace("<image>", "").replace(
             "<|begin_of_text|>", "<|begin_of_text|><|begin_of_text|>", 1)
 
 
@@ -411,5 +411,5 @@ def test_without_graph_tokens_molecules_are_text_only(data_dir, tokenizer):
     assert (text_only["input_ids"] != IMAGE_TOKEN_ID).all() and len(text_only["node_features"]) == 0
     assert tokenizer.decode(text_only["input_ids"]).count(record["input"]) == 1
     spec = tasks.without_graph(tasks.get_task("homolumo"))
-    assert tasks.user_message(spec, record) == tasks.user_text(spec, record)  # no "<image>\n" line
+    assert prompts.user_message(spec, record) == prompts.user_text(spec, record)  # no "<image>\n" line
     assert without.calibration_graphs(8) == []  # a random tower has nothing to calibrate on

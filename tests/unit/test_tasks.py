@@ -4,7 +4,7 @@ import collections
 import pytest
 
 from omnimol_jax import tasks
-from omnimol_jax.data import molecules
+from omnimol_jax.data import molecules, prompts
 from tests.data_records import RECORDS
 
 SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -56,7 +56,7 @@ def test_prompt_matches_spec(task):
     spec, record = tasks.get_task(task), RECORDS[task]
     placeholder = "" if task in ("iupac", "textguidedmolgen") else "<image>\n"
     if task == "molcap":
-        question = tasks.choose_question(spec, record)
+        question = prompts.choose_question(spec, record)
         assert question in tasks.MOLCAP_QUESTIONS
         expected_user = f"{question} The compound sequence is: {record['input']}"
     else:
@@ -65,23 +65,23 @@ def test_prompt_matches_spec(task):
     expected = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n" + SYSTEM + "<|eot_id|>"
                 "<|start_header_id|>user<|end_header_id|>\n\n" + placeholder + expected_user + "<|eot_id|>"
                 "<|start_header_id|>assistant<|end_header_id|>\n\n" + answer + "<|eot_id|>")
-    assert tasks.chat_text(spec, record) == expected
-    assert tasks.user_text(spec, record) == expected_user
-    assert tasks.chat_text(spec, record, with_answer=False) == expected[: -len(answer + "<|eot_id|>")]
+    assert prompts.chat_text(spec, record) == expected
+    assert prompts.user_text(spec, record) == expected_user
+    assert prompts.chat_text(spec, record, with_answer=False) == expected[: -len(answer + "<|eot_id|>")]
 
 
 def test_homolumo_number_is_written_as_the_public_code_does():
-    assert tasks.answer_text(tasks.get_task("homolumo"), RECORDS["homolumo"]) == "-0.2482"
-    assert tasks.answer_text(tasks.get_task("yield"), {"output": 52}) == "52"
+    assert prompts.answer_text(tasks.get_task("homolumo"), RECORDS["homolumo"]) == "-0.2482"
+    assert prompts.answer_text(tasks.get_task("yield"), {"output": 52}) == "52"
 
 
 def test_molcap_question_is_stable_and_follows_the_draw():
     spec, record = tasks.get_task("molcap"), RECORDS["molcap"]
-    assert tasks.user_text(spec, record) == tasks.user_text(spec, record)
-    drawn = {tasks.choose_question(spec, record, draw) for draw in range(7)}
+    assert prompts.user_text(spec, record) == prompts.user_text(spec, record)
+    drawn = {prompts.choose_question(spec, record, draw) for draw in range(7)}
     assert drawn == set(tasks.MOLCAP_QUESTIONS)
-    assert tasks.choose_question(spec, record, 9) == tasks.MOLCAP_QUESTIONS[2]
-    assert "unused" not in tasks.user_message(spec, record)
+    assert prompts.choose_question(spec, record, 9) == tasks.MOLCAP_QUESTIONS[2]
+    assert "unused" not in prompts.user_message(spec, record)
 
 
 @pytest.mark.parametrize("task,expected", [
@@ -100,5 +100,23 @@ def test_graph_molecules_follow_the_task_rule(task, expected):
 def test_unknown_task_names_the_known_ones():
     with pytest.raises(KeyError, match="known tasks: forward, reagent"):
         tasks.get_task("fwd")
-    assert tasks.parse_task_list("forward/logp") == ["forward", "logp"]
-    assert tasks.parse_task_list("all") == list(tasks.PAPER_TASKS)
+
+
+
+def test_one_task_list_parser_and_one_meaning_of_all():
+    """data.tasks and eval --tasks read a list the same way; "all" is every task with a file, "paper" those of
+    the paper's 16 among them."""
+    assert tasks.parse_task_list("forward/logp") == [("forward", 1.0), ("logp", 1.0)]
+    assert tasks.parse_task_list("forward, logp") == tasks.parse_task_list(["forward", "logp"])
+    assert tasks.parse_task_list(" all ") == [("all", None)] and tasks.parse_task_list("paper") == [("paper", None)]
+    available = ["forward", "complexity", "logp"]  # complexity is not one of the paper's 16
+    assert tasks.resolve_task_list(tasks.parse_task_list("all"), available) == [(k, 1.0) for k in available]
+    assert tasks.resolve_task_list(tasks.parse_task_list("paper"), available) == [("forward", 1.0), ("logp", 1.0)]
+    assert tasks.resolve_task_list(tasks.parse_task_list("logp/forward"), available) == [("logp", 1.0),
+                                                                                        ("forward", 1.0)]
+    with pytest.raises(tasks.TaskListError, match="--tasks: 'logp:0.5': a task list here takes names only"):
+        tasks.parse_task_list("logp:0.5")
+    with pytest.raises(tasks.TaskListError, match="--tasks: unknown task 'lgp'; did you mean 'logp'"):
+        tasks.parse_task_list("lgp")
+    with pytest.raises(tasks.TaskListError, match="--tasks: no task in"):
+        tasks.parse_task_list(" / ")

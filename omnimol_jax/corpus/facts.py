@@ -10,8 +10,8 @@ import numpy as np
 from rdkit import Chem, rdBase
 from rdkit.Chem import AllChem, Crippen, Descriptors, GraphDescriptors, rdMolDescriptors
 
-from omnimol_jax.data.corpus.pool import PoolMolecule
-from omnimol_jax.data.corpus.settings import HARTREE_PER_EV
+from omnimol_jax.corpus.pool import PoolMolecule
+from omnimol_jax.corpus.settings import HARTREE_PER_EV
 
 logger = logging.getLogger(__name__)
 

