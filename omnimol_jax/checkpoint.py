@@ -316,3 +316,18 @@ def _load_module(directory: str | os.PathLike, constructor, mesh: Optional[jax.s
         value = params[tuple(map(str, path))]
         variable.set_value(value if isinstance(value, jax.Array) else jax.numpy.asarray(value))
     return nnx.merge(graphdef, abstract_state)
+
+
+def save_random_checkpoint(config, out: str | os.PathLike, *, full: bool = False, overwrite: bool = False) -> None:
+    """A randomly initialised model of a run config (`omnimol init`), initialised directly in the shards of its
+    mesh: the language model alone, or with `full` the whole Omni-Mol model (graph tower and projector too)."""
+    from omnimol_jax.sharding import build_mesh, create_sharded_model
+
+    mesh = build_mesh(config.mesh)
+    source = {"source": {"kind": "random_init", "seed": config.seed}}
+    if full:
+        model = create_sharded_model(omnimol_constructor(config.model, config.graph, seed=config.seed), mesh)
+        save_omnimol_checkpoint(out, config.model, config.graph, model, overwrite=overwrite, extra_metadata=source)
+    else:
+        model = create_sharded_model(llama_constructor(config.model, seed=config.seed), mesh)
+        save_model_checkpoint(out, config.model, module_params(model), overwrite=overwrite, extra_metadata=source)

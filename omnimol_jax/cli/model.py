@@ -93,22 +93,9 @@ def _info(args) -> int:
 
 
 def _init(args) -> int:
+    from omnimol_jax.checkpoint import save_random_checkpoint
 
-    from omnimol_jax.checkpoint import module_params, save_model_checkpoint, save_omnimol_checkpoint
-    from omnimol_jax.model.build import llama_constructor, omnimol_constructor
-    from omnimol_jax.sharding import build_mesh, create_sharded_model
-
-    config = load_run_config(args)
-    mesh = build_mesh(config.mesh)
-    source = {"source": {"kind": "random_init", "seed": config.seed}}
-    if args.full:
-        model = create_sharded_model(omnimol_constructor(config.model, config.graph, seed=config.seed), mesh)
-        save_omnimol_checkpoint(args.out, config.model, config.graph, model, overwrite=args.overwrite,
-                                extra_metadata=source)
-    else:
-        model = create_sharded_model(llama_constructor(config.model, seed=config.seed), mesh)
-        save_model_checkpoint(args.out, config.model, module_params(model), overwrite=args.overwrite,
-                              extra_metadata=source)
+    save_random_checkpoint(load_run_config(args), args.out, full=args.full, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
