@@ -21,8 +21,6 @@ from omnimol_jax.inference import Generator
 from omnimol_jax.inference.session import record_seed
 from omnimol_jax.model.build import omnimol_constructor
 
-pytestmark = pytest.mark.xdist_group("eval_cli")  # module fixtures: keep the module on one worker
-
 TASKS = ("logp", "iupac", "molediting", "dqa")  # number-in-text, text->molecule, graph->molecule, caption
 
 

@@ -13,8 +13,6 @@ from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.train.inspect_data import run_tokenizer
 from omnimol_jax.train.recipes import run_unfreeze
 
-pytestmark = pytest.mark.xdist_group("inspect_data")
-
 
 @pytest.fixture(scope="module")
 def config_path(tmp_path_factory):

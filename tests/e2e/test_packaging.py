@@ -6,12 +6,9 @@ import sys
 import sysconfig
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.xdist_group("packaging")
 def test_wheel_installs_into_a_fresh_venv_and_finds_its_presets(tmp_path):
     source = tmp_path / "src"  # a copy: building in place would leave build/ in the checkout
     shutil.copytree(REPO / "omnimol_jax", source / "omnimol_jax", ignore=shutil.ignore_patterns("__pycache__"))

@@ -22,8 +22,6 @@ from omnimol_jax.data.readers import DataFormatError, open_task
 from omnimol_jax.train.run_directory import LOCK_FILE, OWNER_FILE, RunDirectory
 from omnimol_jax.train.trainer import Trainer
 
-pytestmark = pytest.mark.xdist_group("run_safety")  # module fixtures: keep the module on one worker
-
 TASKS = ("weight", "logp", "forward")
 
 

@@ -23,8 +23,6 @@ from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.llama import LlamaForCausalLM
 from omnimol_jax.model.lora import LoRA, RouterWeight
 
-pytestmark = pytest.mark.xdist_group("hf_export")
-
 LLAMA3_ROPE = dict(rope_type="llama3", rope_theta=500000.0, rope_factor=32.0, rope_low_freq_factor=1.0,
                    rope_high_freq_factor=4.0, rope_original_max_position_embeddings=128)
 

@@ -9,8 +9,6 @@ from omnimol_jax.constants import IGNORE_INDEX
 from omnimol_jax.data.tokenizer import load_chat_tokenizer
 from omnimol_jax.tasks import SYSTEM_PROMPT
 
-pytestmark = pytest.mark.xdist_group("llama3_tokenizer")  # the module fixture is built once
-
 
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):

@@ -34,8 +34,6 @@ from omnimol_jax.inference.decoding import build_prompt_batch
 from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.lora import LoRA, RouterWeight
 
-pytestmark = pytest.mark.xdist_group("release")
-
 MOLECULES = ["[C][C][=C][C][=C][C][=C][Ring1][=Branch1][O]", "[N][C][C][=Branch1][C][=O][O]", None]
 
 

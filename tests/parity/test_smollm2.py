@@ -22,7 +22,6 @@ from omnimol_jax.data.chat_format import ChatFormatError
 from omnimol_jax.data.tokenizer import load_chat_tokenizer
 from tests.data_records import RECORDS
 
-pytestmark = pytest.mark.xdist_group("smollm2")
 PACKAGED = "smollm2-135m-instruct"
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

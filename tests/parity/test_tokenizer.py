@@ -19,9 +19,6 @@ from omnimol_jax.data.tokenizer import (
 )
 from tests.data_records import RECORDS
 
-# One worker per module under `pytest -n 2 --dist loadgroup`, so the module fixture is built once.
-pytestmark = pytest.mark.xdist_group("data_tokenizer")
-
 TEXTS = [prompts.chat_text(tasks.get_task(task), record, question_draw=0) for task, record in RECORDS.items()] * 20
 
 

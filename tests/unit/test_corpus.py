@@ -13,9 +13,6 @@ from omnimol_jax import corpus, tasks
 from omnimol_jax.cli import data as cli, main
 from omnimol_jax.data import molecules, readers
 
-# One worker per module under `pytest -n 2 --dist loadgroup`, so the module fixture is built once.
-pytestmark = pytest.mark.xdist_group("data_corpus")
-
 SIZE = 12
 
 

@@ -30,7 +30,6 @@ from omnimol_jax.model.llama import LlamaForCausalLM
 from omnimol_jax.sharding import build_mesh, shard_module
 
 RDLogger.DisableLog("rdApp.*")
-pytestmark = pytest.mark.xdist_group("generate")  # module fixtures: keep the module on one worker
 
 # A larger init than the preset's makes the random model's distributions peaked and its outputs varied.
 CONFIG = model_config_from_preset("tiny", initializer_range=0.3)

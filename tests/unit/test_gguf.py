@@ -10,8 +10,6 @@ from omnimol_jax.cli import main as cli_main
 from omnimol_jax.convert.gguf_llama import GGUFError, import_gguf, open_gguf_llama
 from omnimol_jax.convert.logit_check import check_against_hf
 
-pytestmark = pytest.mark.xdist_group("gguf")
-
 
 def write_llama(path, arch="llama", up_type=None, drop=None):
     """A 1-layer Llama (hidden 32, 2 query / 1 KV heads, vocab 32) without tokenizer metadata."""

@@ -8,8 +8,6 @@ from rdkit import Chem
 from omnimol_jax.eval.metrics import compute_task_metrics, compute_task_metrics_both
 from omnimol_jax.eval.mol_metrics import parse_selfies, score_molecule_record, tanimoto_similarities
 
-pytestmark = pytest.mark.xdist_group("metrics_mol")
-
 L_ALANINE = selfies.encoder("C[C@@H](C(=O)O)N")  # canonical isomeric SMILES C[C@H](N)C(=O)O
 D_ALANINE = selfies.encoder("C[C@H](C(=O)O)N")  # canonical isomeric SMILES C[C@@H](N)C(=O)O
 ETHANOL = "[C][C][O]"

@@ -13,8 +13,6 @@ from omnimol_jax.eval.number_metrics import (
     r2_score,
 )
 
-pytestmark = pytest.mark.xdist_group("metrics_number")
-
 
 def test_parsers():
     assert first_number("The LogP is -1.5.", UNSIGNED_NUMBER) == 1.5  # the public parser drops the sign

@@ -7,8 +7,6 @@ import pytest
 from omnimol_jax.eval.metrics import compute_metrics_from_records
 from omnimol_jax.eval.report import PredictionStore, markdown_table, read_predictions, write_report
 
-pytestmark = pytest.mark.xdist_group("metrics_report")
-
 RESULTS = {
     "forward": {
         "reference": {"validity": 0.75, "exact_match": 2 / 3, "bleu": 0.5, "levenshtein": 1.0, "maccs_fts": 0.9,

@@ -20,8 +20,6 @@ from omnimol_jax.eval.text_metrics import (
 )
 from omnimol_jax.eval.wordnet import load_wordnet
 
-pytestmark = pytest.mark.xdist_group("metrics_text")
-
 MIN = sys.float_info.min
 CAT = "the cat sat on the mat".split()
 CAT_IS = "the cat is on the mat".split()

@@ -7,8 +7,6 @@ import selfies
 
 from omnimol_jax.eval.molecule_sets import canonical_molecules, frechet_chemnet_distance, molecule_set_metrics
 
-pytestmark = pytest.mark.xdist_group("metrics_mol")
-
 S = selfies.encoder
 ETHANOL, METHANOL, PROPANOL, BENZENE = S("CCO"), S("CO"), S("CCCO"), S("c1ccccc1")
 L_ALANINE, D_ALANINE = S("C[C@@H](C(=O)O)N"), S("C[C@H](C(=O)O)N")

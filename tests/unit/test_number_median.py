@@ -22,8 +22,6 @@ from omnimol_jax.inference.number_median import (
 )
 from omnimol_jax.model.llama import LlamaForCausalLM
 
-pytestmark = pytest.mark.xdist_group("number_median")  # module fixtures: keep the module on one worker
-
 CONFIG = model_config_from_preset("tiny", initializer_range=0.3)  # peaked distributions, varied argmax
 PAD, STOP = 0, 2
 REFERENCE_LEN = 48

@@ -19,9 +19,6 @@ from omnimol_jax.data.pipeline import Pipeline
 from omnimol_jax.data.prompts import generation_example
 from omnimol_jax.data.tokenizer import load_chat_tokenizer
 
-# One worker per module under `pytest -n 2 --dist loadgroup`, so the module fixture is built once.
-pytestmark = pytest.mark.xdist_group("data_pipeline")
-
 SIZE = 40
 
 

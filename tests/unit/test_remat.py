@@ -22,8 +22,6 @@ from omnimol_jax.train.program import build_train_program
 from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.step import make_optimizer, token_losses
 
-pytestmark = pytest.mark.xdist_group("remat")
-
 BASE = model_config_from_preset(
     "tiny", num_layers=2, lora={"enabled": True, "rank": 4, "dropout": 0.1},
     moge={"enabled": True, "layers": "second_half", "num_experts": 3, "top_k": 2})

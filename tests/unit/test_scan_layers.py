@@ -19,8 +19,6 @@ from omnimol_jax.train.flops import compiled_flops, step_costs
 from omnimol_jax.train.recipes import trainable_filter
 from omnimol_jax.train.step import StateLayout, flatten_state, token_losses
 
-pytestmark = pytest.mark.xdist_group("scan")
-
 GRAPH = GraphConfig(num_layers=2, hidden_size=16)
 MOLECULES = ("[C][C][O]", "[C][C][=C][C][=C][C][=C][Ring1][=Branch1]")
 
