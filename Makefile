@@ -30,7 +30,7 @@ demo-pretrained: $(STAMP)
 	bash launch/demo_pretrained.sh runs/demo_pretrained
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist load $(PYTEST_ARGS) tests
 
 # ruff (119 columns) and the import-layer contracts of .importlinter; the suite runs both too (tests/unit/test_layers.py)
 lint: $(STAMP)
@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile -m slow --run-slow $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q -n 2 --dist load -m slow --run-slow $(PYTEST_ARGS) tests
 
 # The TPU half of `omnimol compile`: installs libtpu (the tpu extra, ~700 MB) and runs the AOT tests with it.
 test-tpu: $(STAMP)
