@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from omnimol_jax.errors import InputError
 
@@ -267,11 +267,11 @@ def parse_task_list(text: str | Sequence[str], mode: str = "names", key: str = "
     return entries
 
 
-def resolve_task_list(entries: Sequence[tuple[str, Optional[float]]], available: Sequence[str]
+def resolve_task_list(entries: Sequence[tuple[str, Optional[float]]], available: Callable[[], Sequence[str]]
                       ) -> list[tuple[str, float]]:
-    """Entries of `parse_task_list` with "all" / "paper" replaced by the `available` tasks (those with a file),
-    each of value 1.0; an explicit list stays as written."""
+    """Entries of `parse_task_list` with "all" / "paper" replaced by the tasks `available()` gives (those with a
+    file; only called for those two), each of value 1.0; an explicit list stays as written."""
     if entries and entries[0][1] is None:
-        wanted = [name for name in available if entries[0][0] == ALL_TASKS or name in PAPER_TASKS]
+        wanted = [name for name in available() if entries[0][0] == ALL_TASKS or name in PAPER_TASKS]
         return [(name, 1.0) for name in wanted]
     return [(name, float(value)) for name, value in entries]

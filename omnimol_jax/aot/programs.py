@@ -160,7 +160,7 @@ def _report(name: str, compiled, compile_s: float, target: Target,
 def num_tasks(config: Config) -> int:
     """Tasks of the config's list, "all" counted as every task the registry knows (no data folder is read)."""
     return len(tasks.resolve_task_list(tasks.parse_task_list(config.data.tasks, config.data.mixture,
-                                                             key="data.tasks"), tasks.TASK_KEYS))
+                                                             key="data.tasks"), lambda: tasks.TASK_KEYS))
 
 
 def host_batch(config: Config) -> dict:

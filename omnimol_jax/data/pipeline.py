@@ -54,7 +54,8 @@ class Pipeline:
         self.feature_mode = feature_mode  # graph.feature_mode of the run config
         self.tokenizer = tokenizer or load_chat_tokenizer(config.tokenizer_path(), double_bos=config.double_bos,
                                                           chat_format=config.chat_format)
-        available = readers.available_tasks(config.data_dir, config.layout) if sources is None else list(sources)
+        available = ((lambda: readers.available_tasks(config.data_dir, config.layout)) if sources is None
+                     else (lambda: list(sources)))
         entries = tasks.resolve_task_list(tasks.parse_task_list(config.tasks, config.mixture, key="data.tasks"),
                                           available)
         if not entries:

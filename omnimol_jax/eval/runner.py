@@ -52,9 +52,8 @@ PREDICTIONS_FILE = "predictions.jsonl"
 SETTINGS_FILE = "eval_config.json"
 SKIPPED_FILE = "skipped.json"
 TOPK_VALUES = (1, 3, 5, 10)
-# A prompt length that fewer batches of a decoder would use is merged into the next longer one. On the demo's eval
-# 16 beats 8: its 13 greedy batches padded from 192 to 320 tokens cost less than compiling a program for them
-# (3 programs, 60-70 s of generation, against 4 programs, 66-72 s; docs/results.md).
+# A prompt length that fewer batches of a decoder would use is merged into the next longer one: on the demo's eval,
+# padding a few batches to a longer length cost less than compiling a program of their own.
 PLAN_MIN_BATCHES = 16
 
 
@@ -378,8 +377,9 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     if options.mbr_samples and options.number_median:
         raise EvalError("--mbr-samples and --number-median are two ways to decode numbers: choose one")
     mbr_config = dataclasses.replace(config, temperature=options.temperature or 1.0) if options.mbr_samples else None
-    task_keys = [name for name, _ in tasks.resolve_task_list(tasks.parse_task_list(options.tasks, key="--tasks"),
-                                                             readers.available_tasks(options.data, options.layout))]
+    task_keys = [name for name, _ in tasks.resolve_task_list(
+        tasks.parse_task_list(options.tasks, key="--tasks"), lambda: readers.available_tasks(options.data,
+                                                                                             options.layout))]
     if not task_keys:
         raise EvalError(f"no task files in {options.data} ({options.layout} layout)")
     protocols = PROTOCOLS if options.protocol == "both" else (options.protocol,)

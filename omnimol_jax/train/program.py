@@ -7,6 +7,7 @@ compilation (`abstract_state`).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any, Callable, Optional
 
@@ -45,19 +46,19 @@ class TrainProgram:
         """Step 0 with `trainable` (default: the model's): the optimizer state laid out like its parameters, the
         step, the counters and the RNG key replicated over `mesh` (left where jax puts them without one)."""
         trainable = self.trainable if trainable is None else trainable
-        if mesh is None:
-            return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=self.tx.init(trainable),
-                              rng=jax.random.key_data(jax.random.key(seed)),
-                              nonfinite_in_a_row=jnp.zeros((), jnp.int32), skipped_total=jnp.zeros((), jnp.int32))
-        with use_mesh(mesh):
+        with use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
             opt_state = self.tx.init(trainable)
+        zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 - one buffer per field: the state is donated
+        state = TrainState(step=zero(), trainable=trainable, opt_state=opt_state,
+                           rng=jax.random.key_data(jax.random.key(seed)), nonfinite_in_a_row=zero(),
+                           skipped_total=zero())
+        if mesh is None:
+            return state
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        put = lambda value: jax.device_put(value, replicated)  # noqa: E731
-        opt_state = jax.tree.map(lambda x: x if getattr(x, "ndim", 0) else put(x), opt_state)
-        return TrainState(step=put(jnp.zeros((), jnp.int32)), trainable=trainable, opt_state=opt_state,
-                          rng=put(jax.random.key_data(jax.random.key(seed))),
-                          nonfinite_in_a_row=put(jnp.zeros((), jnp.int32)),
-                          skipped_total=put(jnp.zeros((), jnp.int32)))
+        put = lambda x: jax.device_put(x, replicated)  # noqa: E731
+        counters = {name: put(getattr(state, name)) for name in ("step", "rng", "nonfinite_in_a_row", "skipped_total")}
+        return state._replace(**counters,
+                              opt_state=jax.tree.map(lambda x: x if getattr(x, "ndim", 0) else put(x), opt_state))
 
     def abstract_state(self, mesh: jax.sharding.Mesh) -> TrainState:
         """initial_state's shapes, dtypes and shardings, allocating nothing (`trainable` must carry shardings)."""

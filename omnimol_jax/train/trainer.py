@@ -116,10 +116,12 @@ class Trainer:
                 if self.config_changes.ignored:
                     self.say(f"warning: {describe_changes(self.config_changes.ignored)}: not used, the run resumes "
                              "from its own checkpoints")
-        # A finished run (final/ holds the model of the last step) is answered from the metadata alone: rerunning
-        # the command on a pod must not restore the whole train state to say so.
-        self.complete = self.resuming and self._final_export_done(config.train.max_steps)
-        if self.complete:
+        # A finished run is answered from metadata alone (rerunning the command on a pod must not restore the
+        # whole train state to say so): final/ holds the model of the newest checkpoint, at or past max_steps.
+        final_step = self._final_step() if self.resuming else None
+        self.complete_at = (final_step if final_step is not None and final_step >= config.train.max_steps
+                            and final_step == self.checkpoints.steps()[-1] else None)
+        if self.complete_at is not None:
             return
 
         self.backbone = resolve_backbone(config.init, progress=self.progress)
@@ -164,9 +166,8 @@ class Trainer:
         else:
             self._initialise_weights(model)
         self.program = run_train_program(model, cfg, self.num_tasks)
-        self.frozen, self.initial_trainable = self.program.frozen, self.program.trainable
-        n_train = sum(x.size for x in jax.tree.leaves(self.initial_trainable))
-        n_frozen = sum(x.size for x in jax.tree.leaves(self.frozen))
+        n_train = sum(x.size for x in jax.tree.leaves(self.program.trainable))
+        n_frozen = sum(x.size for x in jax.tree.leaves(self.program.frozen))
         self.say(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen (stage {cfg.train.stage})")
         if n_train == 0:
             raise TrainingError("no trainable parameters: stage 2 needs model.lora.enabled or model.moge.enabled, "
@@ -245,7 +246,7 @@ class Trainer:
         process saves: the Orbax write is collective)."""
         frozen_dir = self.output_dir / "frozen"
         self._remove_stale_partials(frozen_dir.name)
-        model_ckpt.save_model_checkpoint(frozen_dir, self.config.model, model_ckpt.flat_values(self.frozen),
+        model_ckpt.save_model_checkpoint(frozen_dir, self.config.model, model_ckpt.flat_values(self.program.frozen),
                                          overwrite=True,
                                          extra_metadata={"graph": dataclasses.asdict(self.config.graph),
                                                          "content": "frozen variables of a training run"})
@@ -272,27 +273,24 @@ class Trainer:
                                     "changes": {k: list(v) for k, v in self.config_changes.applied.items()}})
                         + "\n")
 
-    def _already_complete(self, step: int, state) -> RunResult:
-        self.say(f"the run is already complete: step {step} of {self.config.train.max_steps}, model in "
-                 f"{self.output_dir / 'final'}")
-        return RunResult(step, "already_complete", step, self.output_dir, [], final_state=state)
-
-    def _final_export_done(self, step: int) -> bool:
-        """True when final/ holds the model of `step` (or no export is wanted)."""
+    def _final_step(self) -> Optional[int]:
+        """The step whose model final/ holds; None without one (or when no export is wanted)."""
         if not self.config.train.export_final:
-            return False
+            return None
         try:
             _, meta = model_ckpt.read_metadata(self.output_dir / "final")
         except model_ckpt.CheckpointError:
-            return False
-        return meta.get("source", {}).get("step") == step
+            return None
+        return meta.get("source", {}).get("step")
 
     def _run(self, until_step: Optional[int]) -> RunResult:
         cfg = self.config
-        if self.complete:
-            self._record_config(cfg.train.max_steps)
+        if self.complete_at is not None:
+            self._record_config(self.complete_at)
             self.checkpoints.close()
-            return self._already_complete(cfg.train.max_steps, state=None)
+            self.say(f"the run is already complete: step {self.complete_at} of {cfg.train.max_steps}, model in "
+                     f"{self.output_dir / 'final'}")
+            return RunResult(self.complete_at, "already_complete", self.complete_at, self.output_dir, [])
         if self.checkpoints is None:
             self.checkpoints = self._open_checkpoints()
         state = self.program.initial_state(cfg.seed, self.mesh)
@@ -308,10 +306,6 @@ class Trainer:
         self._record_config(start_step)
         if restored is None:
             self._save_frozen()
-        if start_step >= cfg.train.max_steps and self._final_export_done(start_step):
-            data.close()
-            self.checkpoints.close()
-            return self._already_complete(start_step, state)
         run = RunState(state=state, data=data, start_step=start_step)
         metric_logger = (MetricLogger(self.output_dir, self.task_names, resume_step=start_step,
                                       max_steps=cfg.train.max_steps) if self.process_index == 0 else None)
@@ -329,7 +323,7 @@ class Trainer:
                     for hook in hooks:
                         hook.before_step(run, step)
                     started = time.perf_counter()
-                    run.state, metrics = train_step(run.state, self.frozen, run.batch)
+                    run.state, metrics = train_step(run.state, self.program.frozen, run.batch)
                     metrics = jax.device_get(metrics)
                     run.step_seconds = time.perf_counter() - started
                     step += 1
@@ -364,7 +358,7 @@ class Trainer:
         """The run's hooks, in the order they act after each step (stop checks before the checkpoint)."""
         cfg = self.config.train
         return [
-            CompileHook(train_step, lambda run: (run.state, self.frozen, run.batch), cfg.peak_flops_per_device,
+            CompileHook(train_step, lambda run: (run.state, self.program.frozen, run.batch), cfg.peak_flops_per_device,
                         self.say),
             ProfileHook(cfg.profile_range(), self.output_dir / "profile", self.say),
             MetricsHook(self.task_names, cfg.log_every, cfg.max_steps, metric_logger,
@@ -391,7 +385,7 @@ class Trainer:
 
     def evaluate(self, trainable) -> dict[str, float]:
         """Validation cross entropy (overall and per task) on up to train.eval_batches test batches."""
-        return self.validation(trainable, self.frozen)
+        return self.validation(trainable, self.program.frozen)
 
     # ------------------------------------------------------------------------------------------------ export
 
@@ -404,7 +398,7 @@ class Trainer:
 
     def export(self, state: TrainState, directory: Path) -> Path:
         self._remove_stale_partials(Path(directory).name)
-        model = nnx.merge(self.program.graphdef, self.program.layout.unflatten(state.trainable), self.frozen)
+        model = nnx.merge(self.program.graphdef, self.program.layout.unflatten(state.trainable), self.program.frozen)
         tokenizer_dir = self.tokenizer_dir
         model_ckpt.save_omnimol_checkpoint(
             directory, self.config.model, self.config.graph, model, overwrite=True,

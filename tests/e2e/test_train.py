@@ -113,7 +113,7 @@ def single_device(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     config = write_config(tmp / "config.yaml", corpus, tmp / "one", max_steps=5)
     trainer, result = run(config, "mesh.data=1", devices=jax.devices()[:1])
-    frozen = [np.asarray(v) for v in jax.tree.leaves(trainer.frozen)]
+    frozen = [np.asarray(v) for v in jax.tree.leaves(trainer.program.frozen)]
     return config, result, frozen
 
 
@@ -129,7 +129,7 @@ def test_sharded_training_matches_single_device(single_device, tmp_path, mesh):
     assert len(single.losses) == len(sharded.losses) == 5
     np.testing.assert_allclose(sharded.losses, single.losses, atol=1e-5, rtol=0)
     # frozen weights never move, and are the same numbers however they are sharded
-    for a, b in zip(jax.tree.leaves(sharded_trainer.frozen), frozen_single):
+    for a, b in zip(jax.tree.leaves(sharded_trainer.program.frozen), frozen_single):
         np.testing.assert_array_equal(np.asarray(a), b)
     frozen_saved = sharded_trainer.output_dir / "frozen"
     assert (frozen_saved / "omnimol_checkpoint.json").is_file()
@@ -166,9 +166,9 @@ def test_config_typo_fails_before_anything_is_compiled(corpus, tmp_path, capsys)
 def test_nonfinite_steps_are_skipped_and_stop_the_run(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", max_consecutive_nonfinite=2)
     trainer = Trainer(load_config(config), progress=False)
-    norm = trainer.frozen["language_model"]["norm"]["scale"]
+    norm = trainer.program.frozen["language_model"]["norm"]["scale"]
     norm.set_value(norm.get_value() * np.nan)  # every loss is NaN from here on
-    initial = {k: np.asarray(v) for k, v in trainer.initial_trainable.items()}
+    initial = {k: np.asarray(v) for k, v in trainer.program.trainable.items()}
     result = trainer.run()
     assert result.stopped_by == "nonfinite" and result.final_step == 2 and result.losses == []
     assert int(result.final_state.skipped_total) == 2
@@ -180,7 +180,7 @@ def test_nonfinite_steps_are_skipped_and_stop_the_run(corpus, tmp_path):
 def test_stage1_trains_only_the_projector(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", stage=1, max_steps=2)
     trainer = Trainer(load_config(config, ["model.lora.enabled=false", "model.moge.enabled=false"]), progress=False)
-    initial = {k: np.asarray(v) for k, v in trainer.initial_trainable.items()}  # the run donates these arrays
+    initial = {k: np.asarray(v) for k, v in trainer.program.trainable.items()}  # the run donates these arrays
     result = trainer.run()
     assert initial and all(k.startswith("projector/") for k in initial)
     assert set(result.final_state.trainable) == set(initial)
@@ -192,8 +192,8 @@ def test_unfreeze_trains_the_matching_backbone_parameters(corpus, tmp_path):
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run", max_steps=2,
                           unfreeze=["language_model/(embed_tokens|norm)/", "graph_tower/atom_encoder/"])
     trainer = Trainer(load_config(config), progress=False)
-    initial = {k: np.asarray(v) for k, v in trainer.initial_trainable.items()}
-    frozen_paths = {"/".join(map(str, p)) for p, _ in __import__("flax").nnx.to_flat_state(trainer.frozen)}
+    initial = {k: np.asarray(v) for k, v in trainer.program.trainable.items()}
+    frozen_paths = {"/".join(map(str, p)) for p, _ in __import__("flax").nnx.to_flat_state(trainer.program.frozen)}
     result = trainer.run()
     unfrozen = {k for k in initial if k.startswith(("language_model/", "graph_tower/")) and "_lora/" not in k
                 and "router" not in k}
@@ -232,13 +232,13 @@ def test_stage2_starts_from_the_stage1_projector(corpus, tmp_path):
     messages: list[str] = []
     trainer = Trainer(load_config(stage2, [f"init.projector={tmp_path / 'stage1' / 'final'}"]), progress=False,
                       log=messages.append)
-    start = {k: np.asarray(v) for k, v in trainer.initial_trainable.items() if k.startswith("projector/")}
+    start = {k: np.asarray(v) for k, v in trainer.program.trainable.items() if k.startswith("projector/")}
     assert exported and set(start) == set(exported)
     for key, value in exported.items():
         np.testing.assert_array_equal(start[key], value)
     fresh = Trainer(load_config(stage2, [f"train.output_dir={tmp_path / 'fresh'}"]), progress=False,
                     log=lambda m: None)
-    assert any(not np.array_equal(start[k], np.asarray(fresh.initial_trainable[k])) for k in start)
+    assert any(not np.array_equal(start[k], np.asarray(fresh.program.trainable[k])) for k in start)
     assert tower and any(f"{len(exported) + len(tower)} variables from" in m for m in messages)
     assert not any("calibrated" in m for m in messages)
 
@@ -247,7 +247,7 @@ def test_a_random_graph_tower_is_calibrated_and_a_loaded_one_kept(corpus, tmp_pa
     from omnimol_jax.checkpoint import flat_values
 
     def batch_stats(trainer):
-        return {k: np.asarray(v) for k, v in flat_values(trainer.frozen).items() if k[0] == "graph_tower"
+        return {k: np.asarray(v) for k, v in flat_values(trainer.program.frozen).items() if k[0] == "graph_tower"
                 and k[-1] in ("mean", "var")}
 
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "random", max_steps=1, export_final=True)
@@ -282,11 +282,11 @@ def test_a_task_without_test_records_leaves_validation_of_the_others_on(corpus, 
     config = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run")
     messages = []
     trainer = Trainer(load_config(config, [f"data.data_dir={data}"]), progress=False, log=messages.append)
-    scalars = trainer.evaluate(trainer.initial_trainable)
+    scalars = trainer.evaluate(trainer.program.trainable)
     assert any("validation leaves out 1 task(s) without test records: logp (no test records in" in m
                for m in messages), messages
     assert "task_loss/logp" not in scalars
     assert {"task_loss/weight", "task_loss/forward"} <= set(scalars) and scalars["supervised_tokens"] > 0
-    trainer.evaluate(trainer.initial_trainable)
+    trainer.evaluate(trainer.program.trainable)
     assert sum("validation leaves out" in m for m in messages) == 1  # said once
     trainer.run_directory.release()
