@@ -25,7 +25,7 @@ from flax import nnx
 from machine import describe_machine  # benchmarks/machine.py (the script folder is on sys.path)
 
 from omnimol_jax.aot.programs import host_batch
-from omnimol_jax.config import load_config
+from omnimol_jax.config import batch_geometry, load_config
 from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.llama import LayerInputs, rope_inverse_frequencies
 from omnimol_jax.train.program import run_train_program
@@ -75,7 +75,8 @@ def main() -> None:
     model = omnimol_constructor(model_config, config.graph, seed=0)()
     trainable = run_trainable_filter(config)
     lm = model.language_model
-    rows, seq, dim = data.batch_size, data.seq_len, model_config.hidden_size
+    rows = batch_geometry(config, 1, 1).process_rows  # one micro-batch of this host
+    seq, dim = data.seq_len, model_config.hidden_size
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(0, 1, (rows, seq, dim)), jnp.float32).astype(jnp.dtype(model_config.dtype))
     # packed rows: about three samples per row, as the demo's packing gives
@@ -108,7 +109,7 @@ def main() -> None:
     chunk = config.train.loss_chunk or seq
     components["lm_head_ce"] = grad_time(lm, lambda m, h: m.chunked_cross_entropy(m.norm(h), targets, chunk),
                                          x[:, :-1], args.iters, trainable, ("language_model",))
-    batch = jax.tree.map(lambda a: jnp.asarray(a)[None], host_batch(config))  # the step's shapes
+    batch = jax.tree.map(lambda a: jnp.asarray(a)[None], host_batch(config, rows))  # the step's shapes
     graphs = jax.tree.map(lambda a: a[0], batch["graphs"])
     components["graph_tower_projector"] = grad_time(model, lambda m, g: m.encode_graphs(g), graphs, args.iters,
                                                     trainable, within=("graph_tower", "projector"))

@@ -5,8 +5,10 @@ formulations, on whatever accelerator jax sees (random weights, bf16). Run throu
 --smoke: tiny shapes (what the tests run on CPU). Every part records its compile time, step time (min and median
 of a few), tokens/s, the MFU against the chip's peak (KNOWN_PEAKS in omnimol_jax/train/flops.py, or a measured
 matmul on CPUs), and the device's peak memory where jax reports it. Parts that would exceed the time budget are
-skipped and say so. `cudnn_attention` says whether `model.attention_impl: jax` with packing's segment mask compiles
-to cuDNN's fused attention (a custom call in the optimized HLO) or falls back to XLA's implementation.
+skipped and say so. `attention_kernels` times the train step with blockwise attention against the platform's
+Pallas kernel (flash on GPU, splash on TPU). `cudnn_attention` says whether `model.attention_impl: jax` with
+packing's segment mask compiles to cuDNN's fused attention (a custom call in the optimized HLO) or falls back to
+XLA's implementation.
 """
 from __future__ import annotations
 
@@ -159,6 +161,18 @@ def moge_part(config, batch: int, seq: int, iters: int) -> dict:
     return out
 
 
+def attention_kernels_part(config, mesh, batch: int, seq: int, iters: int, peak: float) -> dict:
+    """The whole train step with the XLA blockwise attention against this platform's Pallas kernel (flash on GPU,
+    splash on TPU; on CPU both run in Pallas interpret mode, which says nothing about speed)."""
+    pallas = {"gpu": ["flash"], "tpu": ["splash"]}.get(jax.default_backend(), ["splash", "flash"])
+    out = {}
+    for impl in ["blockwise", *pallas]:
+        out[impl] = train_part(dataclasses.replace(config, attention_impl=impl), mesh, batch, seq, iters, peak, None)
+    for impl in pallas:
+        out[f"{impl}_speedup_vs_blockwise"] = round(out["blockwise"]["step_s_min"] / out[impl]["step_s_min"], 3)
+    return out
+
+
 def cudnn_attention(config, mesh) -> dict:
     cfg = dataclasses.replace(config, attention_impl="jax")
     model = nnx.eval_shape(omnimol_constructor(cfg, GRAPH, seed=0))
@@ -209,6 +223,8 @@ def main() -> None:
             "generate": lambda c=config: generate_part(c, mesh, shapes["rows"], shapes["prompt_len"],
                                                        shapes["new_tokens"], shapes["iters"]),
             "moge_layer": lambda c=config: moge_part(c, shapes["batch"], shapes["seq"], shapes["iters"]),
+            "attention_kernels": lambda c=config: attention_kernels_part(c, mesh, shapes["batch"], shapes["seq"],
+                                                                         shapes["iters"], peak),
         }
         for part, run in parts.items():
             if time.perf_counter() - began > args.budget_s:

@@ -26,7 +26,7 @@ def run_mode(data_dir: str, mode: str, args: argparse.Namespace) -> dict:
     from omnimol_jax.data.packing import batch_statistics
     from omnimol_jax.data.pipeline import Pipeline
 
-    config = DataConfig(data_dir=data_dir, seq_len=args.seq_len, batch_size=args.batch_size, batching=mode,
+    config = DataConfig(data_dir=data_dir, seq_len=args.seq_len, global_batch_size=args.batch_size, batching=mode,
                         num_threads=args.threads, num_workers=args.workers, prefetch_batches=2, process_index=0,
                         process_count=1, seed=args.seed)
     iterator = Pipeline(config).iterator()

@@ -177,6 +177,13 @@ def use_mesh(mesh: Optional[Mesh]) -> Iterator[Optional[Mesh]]:
         _active_mesh.reset(token)
 
 
+def active_platform() -> str:
+    """The platform code is being traced for: the active mesh's devices (a TPU slice compiled ahead of time from a
+    CPU host says 'tpu'), else jax's default backend."""
+    mesh = _active_mesh.get()
+    return mesh.devices.flat[0].platform if mesh is not None else jax.default_backend()
+
+
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
     """Sharding constraint on an activation by logical names; a no-op outside `use_mesh`."""
     mesh = _active_mesh.get()
@@ -208,6 +215,13 @@ def per_shard(fn: Callable[..., jax.Array], args: Sequence[jax.Array], logical_a
     in_specs = tuple(PartitionSpec(*(chosen[n] if n is not None else None for n in axes)) for axes in logical_axes)
     out_spec = PartitionSpec(*(chosen.get(n) if n is not None else None for n in out_axes))
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+
+def batch_shard_count(mesh: Mesh) -> int:
+    """Devices a [batch, ...] array is split over (the product of the mesh axes of `activation_batch`)."""
+    spec = logical_to_spec(("activation_batch",), mesh=mesh)[0]
+    axes = () if spec is None else ((spec,) if isinstance(spec, str) else tuple(spec))
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

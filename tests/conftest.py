@@ -41,3 +41,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(scope="session")
+def shared_folder(tmp_path_factory, worker_id):
+    """shared_folder(name, build) -> a folder that `build(folder)` fills once per test session, whichever xdist
+    worker asks first; the other waits on a file lock and reuses it. For expensive module fixtures (a trained run)
+    that tests only read or copy: under `-n 2 --dist load` a module's tests land on both workers, and a plain
+    module fixture would be built twice. Paths inside the folder are the same for every worker."""
+    import shutil
+
+    from filelock import FileLock
+
+    # each worker's basetemp is <session temp>/popen-gwN: their parent is this session's, shared by the workers
+    root = tmp_path_factory.getbasetemp() if worker_id == "master" else tmp_path_factory.getbasetemp().parent
+
+    def get(name, build):
+        folder = root / f"shared-{name}"
+        with FileLock(str(folder) + ".lock"):
+            if not (folder / ".complete").exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a build that failed on the other worker
+                folder.mkdir(parents=True)
+                build(folder)
+                (folder / ".complete").touch()
+        return folder
+
+    return get

@@ -51,7 +51,7 @@ def _give_cpu_devices(topology: str) -> None:
 
 def _compile(args) -> int:
     _give_cpu_devices(args.topology)
-    from omnimol_jax.aot.programs import compile_run, report_table
+    from omnimol_jax.aot.programs import compile_run, report_table, target_geometry
     from omnimol_jax.aot.topology import resolve
     from omnimol_jax.cli.model import load_run_config
 
@@ -65,12 +65,14 @@ def _compile(args) -> int:
         from omnimol_jax.errors import InputError
 
         raise InputError(f"--programs: unknown program(s) {unknown}; choose from train, generate")
+    geometry = target_geometry(config, target)  # a global batch that does not divide stops before compiling
+    print(f"batch: {geometry.describe()}")
     reports = compile_run(config, target, programs, prompt_len=args.prompt_len, new_tokens=args.new_tokens)
     print(report_table(target, reports))
     if args.out:
         payload = {"topology": args.topology, "devices": len(target.devices), "device_kind": target.device_kind,
                    "hosts": target.num_hosts, "config": args.config, "overrides": args.overrides,
-                   "programs": [r.to_dict() for r in reports]}
+                   "batch": geometry.to_dict(), "programs": [r.to_dict() for r in reports]}
         with open(args.out, "w") as f:
             json.dump(payload, f, indent=2)
     too_big = [r.name for r in reports if not r.fits]

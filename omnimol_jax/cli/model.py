@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Validates a config (with overrides) without building anything big.")
     _add_config_args(p)
     p.add_argument("--shardings", action="store_true", help="also list every parameter's PartitionSpec on the mesh")
+    p.add_argument("--topology", default=None,
+                   help="describe the batch on this target instead of this host: a TPU slice name (v5p-16; needs "
+                        "libtpu, `pip install 'omnimol-jax[tpu]'`) or cpu:N")
     p.set_defaults(func=_info)
 
     p = subparsers.add_parser("init", help="write a randomly initialised model checkpoint",
@@ -59,6 +62,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _info(args) -> int:
     from omnimol_jax.model.omnimol import variable_counts
 
+    if args.topology:
+        from omnimol_jax.cli.compile import _give_cpu_devices
+
+        _give_cpu_devices(args.topology)
     config = load_run_config(args)
     print(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False), end="")
     counts = variable_counts(config.model, config.graph)
@@ -76,6 +83,7 @@ def _info(args) -> int:
     from omnimol_jax.caches import SWITCH as CACHE_SWITCH
 
     print(f"# compilation cache: {jax.config.jax_compilation_cache_dir or 'off'} (set {CACHE_SWITCH}=off or a folder)")
+    print(f"# batch: {_batch_geometry(config, args.topology).describe()}")
     if args.shardings:
         import jax
         from flax import nnx
@@ -90,6 +98,21 @@ def _info(args) -> int:
         for path, variable in nnx.to_flat_state(shardings):
             print(f"{'/'.join(map(str, path)):55s} {variable.get_value().spec}")
     return 0
+
+
+def _batch_geometry(config, topology):
+    """data.global_batch_size on --topology, or on this host's processes and the config's mesh."""
+    if topology:
+        from omnimol_jax.aot.programs import target_geometry
+        from omnimol_jax.aot.topology import resolve
+
+        return target_geometry(config, resolve(topology))
+    import jax
+
+    from omnimol_jax.config import batch_geometry
+    from omnimol_jax.sharding import batch_shard_count, build_mesh
+
+    return batch_geometry(config, jax.process_count(), batch_shard_count(build_mesh(config.mesh)))
 
 
 def _init(args) -> int:

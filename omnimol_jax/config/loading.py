@@ -102,6 +102,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 # Keys that moved, so an old config gets told where its key went.
 MOVED_KEYS = {"data.feature_mode": "graph.feature_mode"}
+# Keys whose meaning changed: what to write instead.
+REPLACED_KEYS = {
+    "data.batch_size": "it counted rows per process; write data.global_batch_size, the rows of one optimizer step "
+                       "over all processes (old batch_size x processes x train.grad_accum_steps)",
+}
 
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
@@ -113,6 +118,8 @@ def build_dataclass(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         dotted = f"{prefix}.{key}" if prefix else str(key)
         if dotted in MOVED_KEYS:
             raise ConfigError(f"{dotted}: this key moved to {MOVED_KEYS[dotted]}")
+        if dotted in REPLACED_KEYS:
+            raise ConfigError(f"{dotted}: no longer a key: {REPLACED_KEYS[dotted]}")
         if key not in names:
             raise ConfigError(f"{dotted}: unknown key{_suggest(str(key), names)} (valid: {', '.join(names)})")
         kwargs[key] = _coerce(value, hints[key], dotted)

@@ -150,9 +150,15 @@ class ModelConfig:
     # unmasked entry (causal, segment and padding tiles skipped per row, forward and backward); rows run one after
     # another on each device. einsum: portable XLA attention over all keys; jax: jax.nn.dot_product_attention with
     # the dense mask, which in jax 0.10-0.12 runs XLA's implementation on every platform (docs/model.md).
+    # splash: jax's Pallas TPU flash kernel (model/splash.py): tiles in VMEM, empty causal/segment tiles skipped,
+    # GQA without repeated K/V; splash_block_q x splash_block_kv tiles (multiples of 128); Pallas interpret mode
+    # on CPU (slow: for tests), no GPU. flash: jax's Pallas GPU kernel (model/flash.py, Triton) with segment ids,
+    # attention_block tiles, K/V repeated per query group; interpret mode on CPU, no TPU.
     # Training and a one-chunk prefill use the chosen kernel; decoding steps over the cache use einsum (or jax).
-    attention_impl: Literal["blockwise", "block_sparse", "einsum", "jax"] = "blockwise"
+    attention_impl: Literal["blockwise", "block_sparse", "einsum", "jax", "splash", "flash"] = "blockwise"
     attention_block: int = 128
+    splash_block_q: int = 512
+    splash_block_kv: int = 512
     bos_token_id: Optional[int] = 128000
     eos_token_id: Optional[int] = 128009
     pad_token_id: Optional[int] = 128004
@@ -171,6 +177,9 @@ class ModelConfig:
                  f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         _require(self.head_dim % 2 == 0, "model.head_dim", f"head_dim={self.head_dim} must be even for RoPE")
         _require(self.attention_block >= 1, "model.attention_block", f"must be >= 1, got {self.attention_block}")
+        for key in ("splash_block_q", "splash_block_kv"):
+            value = getattr(self, key)
+            _require(value >= 128 and value % 128 == 0, f"model.{key}", f"must be a multiple of 128, got {value}")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             _require(getattr(self, name) > 0, f"model.{name}", f"must be positive, got {getattr(self, name)}")
@@ -245,14 +254,15 @@ class DataConfig:
     # false: no graph tokens, molecules reach the model as SELFIES text only (the ablation of the graph modality)
     graph_tokens: bool = True
     seq_len: int = 512  # tokens per row (graph slots included)
-    batch_size: int = 8  # rows per batch on this process
+    # Rows per optimizer step over all processes and micro-batches (config/batch.py): the same run on any topology
+    global_batch_size: int = 8
     batching: str = "pack"  # pack | bucket | pad
     max_samples_per_row: int = 8  # packing: samples (segments) per row
     nodes_per_row: int = 0  # atoms per row; 0 = seq_len // 4
     edges_per_row: int = 0  # directed bonds per row; 0 = 3 * nodes_per_row
-    pack_window_batches: int = 8  # packing bins = batch_size * this
+    pack_window_batches: int = 8  # packing bins = rows per process batch * this
     bucket_boundaries: tuple[int, ...] = ()  # bucket row lengths; () = seq_len/8, /4, /2, 1 (multiples of 8)
-    bucket_window_batches: int = 16  # samples sorted into buckets per window = batch_size * this
+    bucket_window_batches: int = 16  # samples sorted into buckets per window = rows per process batch * this
     strict: bool = False  # check every record before training and stop on the first bad one, instead of skipping
     allow_empty_tasks: bool = False  # train on when every checked record of a task is unusable (else: stop)
     seed: int = 0
@@ -283,7 +293,7 @@ class DataConfig:
                  f"{self.chat_format!r} is not one of {CHAT_FORMATS}")
         _require(self.overlong in OVERLONG_MODES, "data.overlong", f"{self.overlong!r} is not one of {OVERLONG_MODES}")
         _require(self.seq_len >= 16, "data.seq_len", f"must be >= 16, got {self.seq_len}")
-        _require(self.batch_size >= 1, "data.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.global_batch_size >= 1, "data.global_batch_size", f"must be >= 1, got {self.global_batch_size}")
         _require(self.max_samples_per_row >= 1, "data.max_samples_per_row", "must be >= 1")
         _require(self.nodes_per_row >= 0 and self.edges_per_row >= 0, "data.nodes_per_row", "budgets must be >= 0")
         _require(self.pack_window_batches >= 1 and self.bucket_window_batches >= 1, "data.pack_window_batches",
@@ -388,7 +398,7 @@ class TrainConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     grad_clip_norm: float = 1.0          # 0 disables clipping
-    grad_accum_steps: int = 1            # micro-batches (of data.batch_size rows) per optimizer step
+    grad_accum_steps: int = 1            # micro-batches per optimizer step (data.global_batch_size in all)
     task_balanced_loss: bool = False     # mean over tasks of L_t / stopgrad(L_t + 1e-5), per micro-batch
     # Output head + CE this many positions at a time, so [batch, seq, vocab] fp32 logits never exist (0: at once)
     loss_chunk: int = 512
@@ -452,6 +462,9 @@ class Config:
             value = getattr(self, field.name)
             if hasattr(value, "validate"):
                 value.validate()
+        _require(self.data.global_batch_size % self.train.grad_accum_steps == 0, "data.global_batch_size",
+                 f"{self.data.global_batch_size} rows do not divide into train.grad_accum_steps="
+                 f"{self.train.grad_accum_steps} micro-batches")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

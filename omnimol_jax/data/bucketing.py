@@ -17,21 +17,23 @@ class BucketBatchesIterDataset(grain.IterDataset):
     `batch_size` rows and emit them in a seeded order. State: the parent state at the window start plus
     the number of batches emitted from the window, so a restore rebuilds the window exactly."""
 
-    def __init__(self, parent: grain.IterDataset, config: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.IterDataset, config: DataConfig, pad_id: int, batch_rows: int):
         super().__init__(parent)
         self.config = config
         self.pad_id = pad_id
+        self.batch_rows = batch_rows
 
     def __iter__(self) -> "BucketBatchesIterator":
-        return BucketBatchesIterator(self._parent.__iter__(), self.config, self.pad_id)
+        return BucketBatchesIterator(self._parent.__iter__(), self.config, self.pad_id, self.batch_rows)
 
 
 class BucketBatchesIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, config: DataConfig, pad_id: int):
+    def __init__(self, parent: grain.DatasetIterator, config: DataConfig, pad_id: int, batch_rows: int):
         super().__init__(parent)
         self.config = config
         self.pad_id = pad_id
-        self.window_size = config.batch_size * config.bucket_window_batches
+        self.batch_rows = batch_rows
+        self.window_size = batch_rows * config.bucket_window_batches
         lengths = config.buckets
         self.buckets = [(length, max(1, config.row_nodes * length // config.seq_len),
                          max(1, config.row_edges * length // config.seq_len)) for length in lengths]
@@ -54,7 +56,7 @@ class BucketBatchesIterator(grain.DatasetIterator):
             by_bucket[self._bucket_of(sample)].append(sample)
         batches: list[list[dict]] = []
         carry: list[dict] = []
-        size = self.config.batch_size
+        size = self.batch_rows
         for index, members in enumerate(by_bucket):
             group = carry + sorted(members, key=lambda s: len(s["input_ids"]))
             full = len(group) // size * size

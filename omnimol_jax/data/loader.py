@@ -127,7 +127,7 @@ class DataIterator:
         if self.batch_sharding is not None:
             index, count = self.pipeline.process
             batch = place_batch(batch, self.batch_sharding, process_index=index, process_count=count,
-                                batch_size=self.pipeline.config.batch_size)
+                                batch_size=self.pipeline.batch_rows)
         return batch, state, rejections
 
     def _worker(self) -> None:

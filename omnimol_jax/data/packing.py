@@ -69,9 +69,10 @@ def graph_budget_for(batch_size: int, nodes_per_row: int, edges_per_row: int, se
                        max_graphs=_round_up(batch_size * segments_per_row + 1, 8))
 
 
-def packed_rows(samples: grain.IterDataset, config: DataConfig, pad_id: int) -> grain.IterDataset:
+def packed_rows(samples: grain.IterDataset, config: DataConfig, pad_id: int, batch_rows: int) -> grain.IterDataset:
     """Grain's first-fit packing of samples into rows of `seq_len` tokens, `row_nodes` atoms, `row_edges` bonds
-    and at most `max_samples_per_row` samples; bins are shuffled (seeded) within a window of batches."""
+    and at most `max_samples_per_row` samples; bins are shuffled (seeded) within a window of batches of
+    `batch_rows` rows."""
     segments = config.max_samples_per_row
     length_struct = {"input_ids": config.seq_len, "labels": config.seq_len, "task_id": segments,
                      "node_features": config.row_nodes, "edge_index": config.row_edges,
@@ -79,7 +80,7 @@ def packed_rows(samples: grain.IterDataset, config: DataConfig, pad_id: int) -> 
     padding = {"input_ids": pad_id, "labels": IGNORE_INDEX, "task_id": -1,
                "node_features": 0, "edge_index": 0, "edge_features": 0}
     return grain.experimental.FirstFitPackIterDataset(
-        samples, length_struct=length_struct, num_packing_bins=config.batch_size * config.pack_window_batches,
+        samples, length_struct=length_struct, num_packing_bins=batch_rows * config.pack_window_batches,
         seed=config.seed, shuffle_bins=True, meta_features=("rejections",), padding_struct=padding,
         max_sequences_per_bin=segments)
 

@@ -20,7 +20,7 @@ import grain
 from tqdm.auto import tqdm
 
 from omnimol_jax import tasks
-from omnimol_jax.config import ConfigError, DataConfig
+from omnimol_jax.config import ConfigError, DataConfig, process_batch_rows
 from omnimol_jax.constants import FEATURE_MODES
 from omnimol_jax.data import molecules, readers
 from omnimol_jax.data.bucketing import BucketBatchesIterDataset
@@ -46,7 +46,7 @@ class Pipeline:
 
     def __init__(self, config: DataConfig, tokenizer: Optional[ChatTokenizer] = None,
                  sources: Optional[Mapping[str, readers.TaskRecords]] = None, *,
-                 feature_mode: str = FEATURE_MODES[0]):
+                 feature_mode: str = FEATURE_MODES[0], grad_accum_steps: int = 1):
         config.validate()
         if feature_mode not in FEATURE_MODES:
             raise ConfigError(f"graph.feature_mode: {feature_mode!r} is not one of {FEATURE_MODES}")
@@ -76,6 +76,8 @@ class Pipeline:
                                  + (f" ({source.num_without_split} records have no metadata.split)"
                                     if source.num_without_split else ""))
         self.process = process_shard(config)
+        # rows of each batch this process yields: one micro-batch's share of data.global_batch_size
+        self.batch_rows = process_batch_rows(config.global_batch_size, grad_accum_steps, self.process[1])
         self.builder = SampleBuilder(self.task_keys, self.sources, self.tokenizer, config, feature_mode)
         self.dataset = self._build()
 
@@ -94,7 +96,7 @@ class Pipeline:
         config = self.config
         dataset = self.index_dataset().map(self.builder)
         iterable = dataset.to_iter_dataset(grain.ReadOptions(num_threads=max(1, config.num_threads),
-                                                             prefetch_buffer_size=max(16, 4 * config.batch_size)))
+                                                             prefetch_buffer_size=max(16, 4 * self.batch_rows)))
         if config.num_workers > 0:
             from absl import (
                 flags,  # Grain's worker processes read absl flags, which a non-absl program never parses
@@ -108,15 +110,16 @@ class Pipeline:
     def _build(self) -> grain.IterDataset:
         config = self.config
         samples = self.sample_dataset()
-        assembler = BatchAssembler(config.batch_size, config.segments_per_row, self.tokenizer.pad_id)
+        rows = self.batch_rows
+        assembler = BatchAssembler(rows, config.segments_per_row, self.tokenizer.pad_id)
         if config.batching == "pack":
-            return packed_rows(samples, config, self.tokenizer.pad_id).batch(
-                config.batch_size, drop_remainder=False, batch_fn=assembler)
+            return packed_rows(samples, config, self.tokenizer.pad_id, rows).batch(
+                rows, drop_remainder=False, batch_fn=assembler)
         if config.batching == "bucket":
-            return BucketBatchesIterDataset(samples, config, self.tokenizer.pad_id).map(assembler)
-        rows = samples.map(SingleSampleRow(config.seq_len, config.row_nodes, config.row_edges,
+            return BucketBatchesIterDataset(samples, config, self.tokenizer.pad_id, rows).map(assembler)
+        padded = samples.map(SingleSampleRow(config.seq_len, config.row_nodes, config.row_edges,
                                            self.tokenizer.pad_id))
-        return rows.batch(config.batch_size, drop_remainder=False, batch_fn=assembler)
+        return padded.batch(rows, drop_remainder=False, batch_fn=assembler)
 
     def iterator(self, batch_sharding: Any = None) -> DataIterator:
         return DataIterator(self, batch_sharding)

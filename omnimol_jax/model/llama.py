@@ -20,14 +20,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from omnimol_jax import loops
-from omnimol_jax.config import ModelConfig
-from omnimol_jax.model import attention
+from omnimol_jax.config import ConfigError, ModelConfig
+from omnimol_jax.model import attention, flash, splash
 from omnimol_jax.model.dtypes import dtype_of
 from omnimol_jax.model.kv_cache import CACHE_AXES, KVCache
 from omnimol_jax.model.layer_scan import Segment, run_segment, scan_plan
 from omnimol_jax.model.lora import LoRA, fold_rng
 from omnimol_jax.model.moge import MoGEFeedForward
-from omnimol_jax.sharding import constrain, per_shard
+from omnimol_jax.sharding import active_platform, constrain, per_shard
 
 REMAT_POLICIES: dict[str, Optional[Callable]] = {
     "full": None,  # save nothing but the layer inputs
@@ -197,7 +197,11 @@ class Attention(nnx.Module):
             mask = (slots[None, :] <= slots[:, None])[None] & key_valid[:, None, :seq_len]
             if segment_ids is not None:
                 mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-            out = self._attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)
+            if cfg.attention_impl in ("splash", "flash"):
+                out = self._pallas(q, k.astype(q.dtype), v.astype(q.dtype),
+                                   splash.kernel_segment_ids(key_valid[:, :seq_len], segment_ids))
+            else:
+                out = self._attend(q, k.astype(q.dtype), v.astype(q.dtype), mask, cfg.attention_impl)
         else:
             # Decoding: every valid cache slot at or before each query's own slot.
             keys, values = new_cache
@@ -223,6 +227,29 @@ class Attention(nnx.Module):
                              (q, k, v, mask), (batch_heads, batch_kv, batch_kv, ("activation_batch", None, None)),
                              batch_heads, split_alike=[("activation_heads", "activation_kv_heads")])
         return attention.einsum_attention(q, k, v, mask)
+
+    def _pallas(self, q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array) -> jax.Array:
+        """splash (TPU) or flash (GPU): Pallas kernels, compiled on their platform, interpreted on CPU."""
+        cfg = self.config
+        impl, platform = cfg.attention_impl, active_platform()
+        home = {"splash": "tpu", "flash": "gpu"}[impl]
+        if platform not in (home, "cpu"):
+            other = {"tpu": "splash", "gpu": "flash"}.get(platform, "blockwise")
+            raise ConfigError(f"model.attention_impl: {impl} is a {home.upper()} kernel (Pallas), not for "
+                              f"{platform}; use {other}")
+        interpret = platform == "cpu"
+        if impl == "splash":
+            def kernel(q, k, v, s):
+                return splash.splash_attention(q, k, v, s, block_q=cfg.splash_block_q, block_kv=cfg.splash_block_kv,
+                                               interpret=interpret)
+        else:
+            def kernel(q, k, v, s):
+                return flash.flash_attention(q, k, v, s, block=cfg.attention_block, interpret=interpret)
+        # the kernels run per device on whole rows and heads (shard_map), as MaxText wraps splash
+        batch_heads = ("activation_batch", None, "activation_heads", None)
+        batch_kv = ("activation_batch", None, "activation_kv_heads", None)
+        return per_shard(kernel, (q, k, v, segments), (batch_heads, batch_kv, batch_kv, ("activation_batch", None)),
+                         batch_heads, split_alike=[("activation_heads", "activation_kv_heads")])
 
 
 class MLP(nnx.Module):

@@ -26,6 +26,7 @@ BOOKKEEPING_KEYS = (
     "train.allow_config_change", "data.prefetch_batches", "data.max_logged_examples",
     "data.max_consecutive_rejections", "data.strict", "data.allow_empty_tasks",
     "model.remat_policy", "model.scan_layers", "model.attention_impl", "model.attention_block",
+    "model.splash_block_q", "model.splash_block_kv",
     "model.moge.implementation", "train.loss_chunk",
 )
 IGNORED_ON_RESUME_KEYS = ("init",)
@@ -80,6 +81,19 @@ def compare_configs(stored: dict, current: dict, allowed: Sequence[str] = ()) ->
 
 def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
     return ", ".join(f"{key}: {json.dumps(before)} -> {json.dumps(after)}" for key, (before, after) in changes.items())
+
+
+def upgrade_stored_config(stored: dict, processes: int) -> dict:
+    """A stored config from before `data.global_batch_size`: its per-process `data.batch_size` becomes the global
+    batch it meant, on this run's process count (a resume restores each process's data position, so the count
+    cannot have changed)."""
+    data = stored.get("data")
+    if not isinstance(data, dict) or "batch_size" not in data or "global_batch_size" in data:
+        return stored
+    accum = (stored.get("train") or {}).get("grad_accum_steps", 1)
+    data = {("global_batch_size" if k == "batch_size" else k): (v * processes * accum if k == "batch_size" else v)
+            for k, v in data.items()}
+    return dict(stored, data=data)
 
 
 def check_resume(stored: dict, current: dict, allowed: Sequence[str], directory: str, step: int) -> ConfigChanges:

@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from omnimol_jax import checkpoint as model_ckpt
-from omnimol_jax.config import Config, ConfigError, save_config
+from omnimol_jax.config import Config, ConfigError, batch_geometry, save_config
 from omnimol_jax.data.graphs import batch_graphs, prompt_graph_budget
 from omnimol_jax.data.loader import place_micro_batches
 from omnimol_jax.data.pipeline import Pipeline
@@ -37,10 +37,10 @@ from omnimol_jax.errors import RunError
 from omnimol_jax.graph_batch import node_mask
 from omnimol_jax.model.build import omnimol_constructor
 from omnimol_jax.model.gin import mean_pairwise_cosine
-from omnimol_jax.sharding import build_mesh, create_sharded_model, use_mesh
+from omnimol_jax.sharding import batch_shard_count, build_mesh, create_sharded_model, use_mesh
 from omnimol_jax.train.backbone import resolve_backbone, tokenizer_folder
 from omnimol_jax.train.checkpoints import RunCheckpoints, abstract_like
-from omnimol_jax.train.config_contract import ConfigChanges, check_resume, describe_changes
+from omnimol_jax.train.config_contract import ConfigChanges, check_resume, describe_changes, upgrade_stored_config
 from omnimol_jax.train.hooks import (
     CheckpointHook,
     CompileHook,
@@ -109,6 +109,7 @@ class Trainer:
             stored = self.checkpoints.latest_config()
             if stored is not None:
                 step, stored_config = stored
+                stored_config = upgrade_stored_config(stored_config, self.process_count)
                 self.config_changes = check_resume(stored_config, self._config_dict(),
                                                    config.train.allow_config_change, str(self.output_dir), step)
                 if self.config_changes.applied:
@@ -128,7 +129,8 @@ class Trainer:
         self.tokenizer_dir = tokenizer_folder(config.data, self.backbone)
         tokenizer = load_chat_tokenizer(self.tokenizer_dir, double_bos=config.data.double_bos,
                                         chat_format=config.data.chat_format)
-        self.pipeline = Pipeline(config.data, tokenizer, feature_mode=config.graph.feature_mode)
+        self.pipeline = Pipeline(config.data, tokenizer, feature_mode=config.graph.feature_mode,
+                                 grad_accum_steps=config.train.grad_accum_steps)
         self.task_names = list(self.pipeline.task_keys)
         self.num_tasks = len(self.task_names)
         if self.pipeline.tokenizer.vocab_size > config.model.vocab_size:
@@ -169,6 +171,7 @@ class Trainer:
         n_train = sum(x.size for x in jax.tree.leaves(self.program.trainable))
         n_frozen = sum(x.size for x in jax.tree.leaves(self.program.frozen))
         self.say(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen (stage {cfg.train.stage})")
+        self.say(f"batch: {batch_geometry(cfg, self.pipeline.process[1], batch_shard_count(self.mesh)).describe()}")
         if n_train == 0:
             raise TrainingError("no trainable parameters: stage 2 needs model.lora.enabled or model.moge.enabled, "
                                 "stage 1 trains the projector")

@@ -59,7 +59,7 @@ class Validation:
         eval_data = dataclasses.replace(cfg.data, split="test", shuffle=True, seed=cfg.data.seed + 1, num_epochs=1,
                                         prefetch_batches=0, tasks=mixture)
         pipeline = Pipeline(eval_data, tokenizer=self.tokenizer, sources=sources,
-                            feature_mode=cfg.graph.feature_mode)
+                            feature_mode=cfg.graph.feature_mode, grad_accum_steps=cfg.train.grad_accum_steps)
         iterator = pipeline.iterator()
         num_tasks = len(self.task_names)
         sums, counts = np.zeros(num_tasks), np.zeros(num_tasks)

@@ -26,6 +26,9 @@ def test_the_device_suite_smoke_run_writes_every_figure(tmp_path):
     assert tiny["generate"]["new_tokens_per_s"] > 0 and tiny["generate"]["time_to_first_token_s"] > 0
     assert set(tiny["moge_layer"]) == {"stacked", "fused", "naive"}
     assert all(v["temp_bytes"] > 0 for v in tiny["moge_layer"].values())
+    kernels = tiny["attention_kernels"]
+    assert "error" not in kernels, kernels
+    assert {"blockwise", "splash", "flash"} <= set(kernels) and kernels["flash_speedup_vs_blockwise"] > 0
     attention = result["cudnn_attention"]
     assert attention["platform"] == "cpu" and attention["cudnn_fused_attention"] is False
     assert result["skipped"] == [] and result["peak_flops"] > 0

@@ -40,7 +40,7 @@ def write_config(path: Path, corpus: Path) -> Path:
         # One sample per row: process p of 2 reads stream positions p, p + 2, ..., so every global batch
         # holds the same samples as the single process's (in another row order). Packed rows would differ,
         # since each process packs its own share of the stream.
-        "data": {"data_dir": str(corpus), "seq_len": 256, "batch_size": 4, "batching": "pad",
+        "data": {"data_dir": str(corpus), "seq_len": 256, "global_batch_size": 4, "batching": "pad",
                  "num_threads": 1, "prefetch_batches": 0},
         "train": {"max_steps": STEPS, "log_every": 1, "checkpoint_every": 2, "eval_every": 2, "eval_batches": 1,
                   "learning_rate": 3e-3, "export_final": True, "async_checkpointing": False},
@@ -73,8 +73,8 @@ def test_two_processes_train_like_one(corpus, tmp_path):
     assert single.returncode == 0, single.stderr[-3000:]
 
     port = free_port()
-    # data.batch_size counts rows per process: 2 x 2 rows make the single process's global batch of 4
-    procs = [subprocess.Popen(train_command(config, tmp_path / "multi", "--distributed") + ["data.batch_size=2"],
+    # the same file: data.global_batch_size=4 is 2 rows on each of the 2 processes
+    procs = [subprocess.Popen(train_command(config, tmp_path / "multi", "--distributed"),
                               env=environment(2, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=2,
                                               JAX_PROCESS_ID=i),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]

@@ -26,10 +26,11 @@ TASKS = ("weight", "logp", "forward")
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "data"
-    build_corpus(out, CorpusConfig(size=30, tasks=TASKS, tokenizer_vocab_size=400))
-    return out
+def corpus(shared_folder):
+    # shared by both xdist workers: the finished run below stores this path in its config
+    folder = shared_folder("run-safety-corpus", lambda f: build_corpus(
+        f / "data", CorpusConfig(size=30, tasks=TASKS, tokenizer_vocab_size=400)))
+    return folder / "data"
 
 
 def write_config(path: Path, corpus: Path, output_dir: Path, **train) -> Path:
@@ -38,7 +39,7 @@ def write_config(path: Path, corpus: Path, output_dir: Path, **train) -> Path:
                   "moge": {"enabled": True, "layers": "second_half", "num_experts": 4}},
         "graph": {"num_layers": 2, "hidden_size": 32},
         "mesh": {"data": -1},
-        "data": {"data_dir": str(corpus), "seq_len": 256, "batch_size": 8, "max_samples_per_row": 4,
+        "data": {"data_dir": str(corpus), "seq_len": 256, "global_batch_size": 8, "max_samples_per_row": 4,
                  "num_threads": 1, "prefetch_batches": 0},
         "train": {"output_dir": str(output_dir), "max_steps": 3, "log_every": 1, "checkpoint_every": 2,
                   "eval_batches": 1, "async_checkpointing": False, **train},
@@ -48,12 +49,14 @@ def write_config(path: Path, corpus: Path, output_dir: Path, **train) -> Path:
 
 
 @pytest.fixture(scope="module")
-def finished(corpus, tmp_path_factory):
-    """A finished run (checkpoints 2 and 3, final/), copied by the tests that change it."""
-    tmp = tmp_path_factory.mktemp("finished")
-    config = write_config(tmp / "config.yaml", corpus, tmp / "run")
-    assert cli_main(["train", "--config", str(config), "--no-progress"]) == 0
-    return tmp / "run"
+def finished(corpus, shared_folder):
+    """A finished run (checkpoints 2 and 3, final/), trained once per session and copied by the tests that change
+    it."""
+    def train(tmp):
+        config = write_config(tmp / "config.yaml", corpus, tmp / "run")
+        assert cli_main(["train", "--config", str(config), "--no-progress"]) == 0
+
+    return shared_folder("run-safety-finished", train) / "run"
 
 
 def copy_run(finished: Path, corpus: Path, tmp_path: Path, **train) -> tuple[Path, Path]:
@@ -217,7 +220,7 @@ def test_rebuilding_the_data_under_a_reader_does_not_crash_it(corpus, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(corpus, data)
     config = load_config(None, [f"data.data_dir={data}", "data.tasks=weight/logp", "data.seq_len=256",
-                                "data.num_threads=1", "data.prefetch_batches=0", "data.batch_size=4"])
+                                "data.num_threads=1", "data.prefetch_batches=0", "data.global_batch_size=4"])
     pipeline = Pipeline(config.data)
     source = pipeline.sources[0]
     first = [source[i] for i in range(len(source))]
@@ -333,6 +336,11 @@ BAD_INPUTS = [
      lambda t: _damage(t["data"], "every_record"),
      ["task 'logp': every record of", "missing_field: ", "data.allow_empty_tasks=true"], 2),
     ("negative-eval-every", FRESH_TRAIN + ["train.eval_every=-5"], None, ["train.eval_every: must be >= 0"], 2),
+    ("per-process-batch-key", FRESH_TRAIN + ["data.batch_size=4"], None,
+     ["data.batch_size: no longer a key", "write data.global_batch_size"], 2),
+    ("global-batch-not-divisible-by-micro-batches", FRESH_TRAIN + ["data.global_batch_size=6",
+                                                                  "train.grad_accum_steps=4"], None,
+     ["data.global_batch_size: 6 rows do not divide into train.grad_accum_steps=4"], 2),
     ("mesh-train", FRESH_TRAIN + ["mesh.data=3"], None,
      ["mesh data=3,fsdp=1,tensor=1,expert=1 needs 3 devices", "8 are available"], 2),
     ("mesh-generate", ["generate", "--checkpoint", "{final}", "--task", "logp", "--input", "CCO", "--mesh",

@@ -35,7 +35,7 @@ def write_config(path: Path, corpus: Path, output_dir: Path, **train) -> Path:
                   "moge": {"enabled": True, "layers": "second_half", "num_experts": 4}},
         "graph": {"num_layers": 2, "hidden_size": 32},
         "mesh": {"data": -1},
-        "data": {"data_dir": str(corpus), "seq_len": 384, "batch_size": 8, "max_samples_per_row": 4,
+        "data": {"data_dir": str(corpus), "seq_len": 384, "global_batch_size": 8, "max_samples_per_row": 4,
                  "num_threads": 1, "prefetch_batches": 0},
         "train": {"output_dir": str(output_dir), "max_steps": 6, "log_every": 1, "checkpoint_every": 100,
                   "eval_batches": 1, "learning_rate": 3e-3, "warmup_ratio": 0.2, "export_final": False,

@@ -147,7 +147,7 @@ def test_both_stages_train_on_the_real_model_and_export_to_transformers(checkpoi
     data = tmp_path / "data"
     assert cli_main(["build-data", "--out", str(data), "--size", "24", "--tasks", "molcap,weight,iupac",
                      "--workers", "1", "--no-tokenizer"]) == 0
-    small = ["data.seq_len=512", "data.batch_size=1", "model.scan_layers=true", "model.attention_impl=einsum",
+    small = ["data.seq_len=512", "data.global_batch_size=1", "model.scan_layers=true", "model.attention_impl=einsum",
              "train.max_steps=2", "train.log_every=1", "train.eval_every=0",
              "train.checkpoint_every=2", "graph.calibration_graphs=16", f"data.data_dir={data}", "--no-progress"]
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"

@@ -30,7 +30,7 @@ def test_bad_topologies_say_what_would_work(name, message):
 def _tiny(*overrides):
     return load_config(None, ["model.preset=tiny", "model.lora.enabled=true", "model.moge.enabled=true",
                               "model.moge.layers=all",
-                              "data.seq_len=128", "data.batch_size=4", "train.grad_accum_steps=2", *overrides])
+                              "data.seq_len=128", "data.global_batch_size=8", "train.grad_accum_steps=2", *overrides])
 
 
 def test_the_train_step_and_generation_compile_for_cpu_devices_with_real_reports():
@@ -54,11 +54,11 @@ def test_the_train_step_and_generation_compile_for_cpu_devices_with_real_reports
 def test_the_cli_writes_json_and_exits_1_when_a_program_does_not_fit(tmp_path, capsys):
     out = tmp_path / "report.json"
     assert cli_main(["compile", "--topology", "cpu:2", "--programs", "train", "--out", str(out),
-                     "model.preset=tiny", "data.seq_len=64", "data.batch_size=2"]) == 0
+                     "model.preset=tiny", "data.seq_len=64", "data.global_batch_size=2"]) == 0
     report = json.loads(out.read_text())
     assert report["devices"] == 2 and report["programs"][0]["fits"] is True
     assert cli_main(["compile", "--topology", "cpu:2", "--programs", "train", "--hbm-gib", "0.001",
-                     "model.preset=tiny", "data.seq_len=64", "data.batch_size=2"]) == 1
+                     "model.preset=tiny", "data.seq_len=64", "data.global_batch_size=2"]) == 1
     captured = capsys.readouterr()
     assert "DOES NOT FIT" in captured.out and "train_step does not fit cpu:2" in captured.err
     assert cli_main(["compile", "--topology", "v9-8", "model.preset=tiny"]) == 2

@@ -35,7 +35,7 @@ def tokenizer(data_dir):
 
 
 def make_config(data_dir, **overrides):
-    values = dict(data_dir=str(data_dir), seq_len=256, batch_size=4, process_index=0, process_count=1,
+    values = dict(data_dir=str(data_dir), seq_len=256, global_batch_size=4, process_index=0, process_count=1,
                   prefetch_batches=0, num_threads=1)
     values.update(overrides)
     return DataConfig(**values)
@@ -107,18 +107,20 @@ def test_two_processes_see_disjoint_shards(data_dir, tokenizer):
     assert sorted(seen[0] + seen[1], key=lambda e: e[2]) == full
     keys = [{(t, r) for t, r, _ in part} for part in seen]
     assert not keys[0] & keys[1]  # within one epoch no record reaches both processes
+    assert [p.batch_rows for p in shards] == [2, 2]  # data.global_batch_size=4 over two processes
     batches = [next(p.iterator()) for p in shards]
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2]
     assert not np.array_equal(batches[0]["input_ids"], batches[1]["input_ids"])
 
 
 def test_labels_cover_only_the_answer_and_slots_match_atoms(data_dir, tokenizer):
     config = make_config(data_dir, tasks="homolumo/iupac", batching="pad", shuffle=False, num_epochs=1,
-                         batch_size=4)
+                         global_batch_size=4)
     pipeline = Pipeline(config, tokenizer)
     expected = [("homolumo", r) for r in pipeline.sources[0]] + [("iupac", r) for r in pipeline.sources[1]]
     rows = []
     for batch in pipeline.iterator():
-        for b in range(config.batch_size):
+        for b in range(config.global_batch_size):
             if batch["segment_ids"][b].any():
                 rows.append((batch, b))
     assert len(rows) == len(expected)
@@ -148,7 +150,7 @@ def test_labels_cover_only_the_answer_and_slots_match_atoms(data_dir, tokenizer)
 def test_packed_batches_are_consistent_and_dense(data_dir, tokenizer):
     stats = {}
     for mode in ("pack", "bucket", "pad"):
-        pipeline = Pipeline(make_config(data_dir, batching=mode, batch_size=4, seq_len=384), tokenizer)
+        pipeline = Pipeline(make_config(data_dir, batching=mode, global_batch_size=4, seq_len=384), tokenizer)
         iterator = pipeline.iterator()
         shares = []
         for _ in range(10):
@@ -304,7 +306,7 @@ def test_overlong_samples_are_rejected_or_truncated_and_counted_per_task(data_di
 def test_device_placement_with_a_batch_sharding(data_dir, tokenizer):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(8), ("data",))
     sharding = NamedSharding(mesh, PartitionSpec("data"))
-    pipeline = Pipeline(make_config(data_dir, batch_size=8, prefetch_batches=2), tokenizer)
+    pipeline = Pipeline(make_config(data_dir, global_batch_size=8, prefetch_batches=2), tokenizer)
     host = next(pipeline.iterator())
     iterator = pipeline.iterator(sharding)
     batch = next(iterator)
@@ -339,7 +341,7 @@ def test_generation_example_ends_at_the_assistant_header(data_dir, tokenizer):
 def test_a_stream_in_which_nothing_fits_fails_with_the_reasons(data_dir, tokenizer):
     from omnimol_jax.data.rejections import NoUsableSamplesError
 
-    config = make_config(data_dir, tasks="weight/logp", seq_len=16, batch_size=2, max_consecutive_rejections=50)
+    config = make_config(data_dir, tasks="weight/logp", seq_len=16, global_batch_size=2, max_consecutive_rejections=50)
     iterator = Pipeline(config, tokenizer).iterator()
     with pytest.raises(NoUsableSamplesError,
                        match=r"the last 50 records were all rejected \((weight|logp)/too_long: \d+.*too_long.*"
@@ -384,7 +386,7 @@ def test_every_task_is_found_under_the_release_file_names_and_yields_batches(nam
     for key in tasks.TASK_KEYS:
         path, _ = readers.find_task_file(folder, key)
         assert len(readers.open_task(folder, key)) == 4, (key, path.name)
-    config = make_config(folder, tasks="paper", seq_len=512, max_samples_per_row=2, batch_size=8)
+    config = make_config(folder, tasks="paper", seq_len=512, max_samples_per_row=2, global_batch_size=8)
     batch = next(Pipeline(config, tokenizer).iterator())
     assert np.asarray(batch["attention_mask"]).sum() > 0
 
