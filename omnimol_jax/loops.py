@@ -27,8 +27,11 @@ def unrolled_for_costing() -> Iterator[None]:
 
 
 def scan(body: Callable, carry: Any, xs: Any) -> tuple[Any, Any]:
-    """`jax.lax.scan(body, carry, xs)`: one loop, or fully unrolled inside `unrolled_for_costing()`."""
-    return jax.lax.scan(body, carry, xs, unroll=True if _UNROLLED.get() else 1)
+    """`jax.lax.scan(body, carry, xs)`: one loop, or fully unrolled inside `unrolled_for_costing()`. A scan of one
+    iteration (one micro-batch, one loss chunk) is unrolled too: no while loop for XLA to keep, and the step's costs
+    need no second lowering."""
+    length = jax.tree.leaves(xs)[0].shape[0] if jax.tree.leaves(xs) else 0
+    return jax.lax.scan(body, carry, xs, unroll=True if _UNROLLED.get() or length == 1 else 1)
 
 
 def map_chunks(fn: Callable, xs: Any) -> Any:
