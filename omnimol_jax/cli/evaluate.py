@@ -79,6 +79,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per generation batch")
     p.add_argument("--limit", type=int, default=None, help="at most N test records per task (the first N)")
     p.add_argument("--restart", action="store_true", help="discard predictions already in --out")
+    p.add_argument("--distributed", action="store_true",
+                   help="one of several processes (hosts of a pod; the environment of `train --distributed`): each "
+                        "answers its share of the batches on its own devices, process 0 merges the predictions "
+                        "(the same as one process would write) and scores; --out must be on storage all can read")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--mbr-samples", type=int, default=0, metavar="N",
                    help="number tasks: draw N samples (at --temperature, default 1.0) and answer with the one "
@@ -207,14 +211,26 @@ def run_eval(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config = generation_config(args)
+    index, count = 0, 1
+    if args.distributed:
+        import jax
+
+        from omnimol_jax.multihost import initialize_distributed
+
+        initialize_distributed()
+        index, count = jax.process_index(), jax.process_count()
     options = EvalOptions(
         checkpoint=args.checkpoint, data=args.data, tokenizer=args.tokenizer,
         double_bos=False if args.single_bos else None, mesh=_mesh(args.mesh), layout=args.layout,
         tasks=args.tasks, protocol=args.protocol, out=args.out, batch_size=args.batch_size, limit=args.limit,
         restart=args.restart, progress=not args.no_progress, mbr_samples=args.mbr_samples,
         number_median=args.number_median, constrained=args.constrained, temperature=args.temperature,
-        greedy=args.greedy)
+        greedy=args.greedy, process_index=index, process_count=count)
     result = run_evaluation(options, config)
+    if index != 0:
+        print(f"process {index} of {count}: its predictions went to {result.predictions}; process 0 merged them "
+              "and wrote the report")
+        return 0
     print(result.report["markdown"].read_text(), end="")
     if result.generation is not None:
         print(f"generation: {result.generation.summary()}")

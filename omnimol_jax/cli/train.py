@@ -44,17 +44,9 @@ def _train(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.distributed:
-        import os
+        from omnimol_jax.multihost import initialize_distributed
 
-        import jax
-
-        explicit = {k: os.environ[v] for k, v in (("coordinator_address", "JAX_COORDINATOR_ADDRESS"),
-                                                  ("num_processes", "JAX_NUM_PROCESSES"),
-                                                  ("process_id", "JAX_PROCESS_ID")) if v in os.environ}
-        for key in ("num_processes", "process_id"):
-            if key in explicit:
-                explicit[key] = int(explicit[key])
-        jax.distributed.initialize(**explicit)  # without arguments: cluster auto-detection
+        initialize_distributed()
     config = load_config(args.config, args.overrides)
     result = Trainer(config, progress=not args.no_progress).run()
     out = result.output_dir

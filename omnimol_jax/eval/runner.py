@@ -37,6 +37,7 @@ from omnimol_jax.eval.baselines import answer_baselines, train_mean_baselines
 from omnimol_jax.eval.metrics import compute_metrics_from_records
 from omnimol_jax.eval.mol_metrics import PROTOCOL_REFERENCE, PROTOCOLS, mol_to_inchi, parse_selfies
 from omnimol_jax.eval.molecule_sets import canonical_molecules, molecule_set_metrics
+from omnimol_jax.eval.prediction_parts import PredictionParts, part_files, part_path
 from omnimol_jax.eval.report import PredictionStore, write_report
 from omnimol_jax.eval.wordnet import prefetch_wordnet, wordnet_status
 from omnimol_jax.inference.decoding import GenerationConfig
@@ -44,6 +45,7 @@ from omnimol_jax.inference.mbr import l1_medoid
 from omnimol_jax.inference.number_median import decoding_memory_budget
 from omnimol_jax.inference.prompt_buckets import plan_batch_lengths
 from omnimol_jax.inference.session import InferenceSession, load_session, number_median_decoder, record_seed
+from omnimol_jax.multihost import barrier
 from omnimol_jax.tasks import get_task
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,10 @@ class EvalOptions:
     constrained: bool = False
     temperature: Optional[float] = None  # MBR samples at this temperature (default 1.0)
     greedy: bool = False
+    # Several processes (`omnimol eval --distributed`): each generates every process_count-th batch on its own
+    # devices, process 0 merges the predictions and scores
+    process_index: int = 0
+    process_count: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,12 +129,10 @@ def _settings(options: EvalOptions, session: InferenceSession, config: Generatio
             "tokenizer": str(Path(options.tokenizer).resolve()) if options.tokenizer else None}
 
 
-def _check_settings(out_dir: Path, settings: dict, restart: bool) -> None:
+def _check_settings(out_dir: Path, settings: dict) -> None:
     path = out_dir / SETTINGS_FILE
     predictions = out_dir / PREDICTIONS_FILE
-    if restart and predictions.exists():
-        predictions.unlink()
-    if predictions.exists() and path.exists():
+    if (predictions.exists() or part_files(out_dir)) and path.exists():
         previous = json.loads(path.read_text())
         # A setting added after those predictions were made counts as off there: they still resume when it is off.
         changed = sorted(k for k in set(previous) | set(settings)
@@ -324,11 +328,14 @@ def _pending_examples(task: str, source, record_ids: list[str], indices: Sequenc
 
 def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, session: InferenceSession,
               config: GenerationConfig, mbr_config: Optional[GenerationConfig], median_decoder,
-              wants_constraint: bool, store: PredictionStore, bar) -> None:
-    """Answers every pending example, batch by batch, appending each batch's records to the store.
+              wants_constraint: bool, store: PredictionStore, bar) -> list[str]:
+    """Answers the pending examples, batch by batch, appending each batch's records to the store; returns the
+    record ids of every process's batches in the order one process answers them.
 
     Every batch's padded prompt length is planned first, for each decoder apart (prompt_buckets.py): one compile
-    per (decoder, planned length), instead of one per power of two that some batch happens to need."""
+    per (decoder, planned length), instead of one per power of two that some batch happens to need. With several
+    processes each answers every process_count-th batch of that plan: the batches, their shapes and so their
+    numbers are those of a single process."""
     def decoder_of(key: str) -> str:  # batches of one decoder share programs (constrained decoding is another)
         spec = tasks.get_task(key)
         if spec.answers_number and median_decoder is not None:
@@ -342,7 +349,11 @@ def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, se
     buckets = plan_batch_lengths([max(len(e.input_ids) for e in batch) for _, batch in batches],
                                  [decoders[key] for key, _ in batches],
                                  min_length=session.generator.min_prompt_bucket, min_batches=PLAN_MIN_BATCHES)
-    for (key, batch), bucket in zip(batches, buckets):
+    share = [(position, key, batch, bucket) for position, ((key, batch), bucket) in enumerate(zip(batches, buckets))
+             if position % options.process_count == options.process_index]
+    bar.total = bar.n + sum(len(batch) for _, _, batch, _ in share)
+    bar.refresh()
+    for _, key, batch, bucket in share:
         decoder = decoders[key]
         bar.set_postfix_str(key)
         if decoder == "median":  # K cache rows per prompt: as many prompts per call as the memory holds
@@ -362,6 +373,13 @@ def _generate(pending: dict[str, list[PendingExample]], options: EvalOptions, se
             records = _prediction_records(batch, out, session, config.num_beams)
         store.append(records)
         bar.update(len(batch))
+    return [example.record_id for _, batch in batches for example in batch]
+
+
+def _local_devices() -> list:
+    import jax
+
+    return jax.local_devices()
 
 
 def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult:
@@ -388,20 +406,32 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
     wants_constraint = options.constrained and any(tasks.get_task(k).output_type == tasks.OUTPUT_SELFIES
                                                 for k in task_keys)
     out_dir = Path(options.out) if options.out else Path("eval") / Path(options.checkpoint).resolve().name
+    index, count = options.process_index, options.process_count
+    lead = index == 0
     # A malformed predictions file stops here, before the model is loaded or anything is written (--restart
     # discards the file instead).
     store = None if options.restart else PredictionStore(out_dir / PREDICTIONS_FILE)
+    parts = None if options.restart else PredictionParts(out_dir)
+    # several processes: each holds the whole model on its own devices and answers its share of the batches
     session = load_session(options.checkpoint, options.tokenizer, double_bos=options.double_bos,
-                           mesh_config=options.mesh, constrained=wants_constraint)
+                           mesh_config=options.mesh, constrained=wants_constraint,
+                           devices=_local_devices() if count > 1 else None)
     if not (session.has_graph_tower and session.graph_tokens):
         logger.warning("%s reads no graphs (%s): every task is prompted as text, molecules as SELFIES",
                        options.checkpoint, "a plain language model" if not session.has_graph_tower
                        else "trained with data.graph_tokens=false")
     settings = _settings(options, session, config)
-    _check_settings(out_dir, settings, options.restart)
+    if not options.restart:
+        _check_settings(out_dir, settings)  # every process alike: all stop, none waits for the others
+    barrier("omnimol-eval-checked")
+    if lead:
+        if options.restart:
+            (out_dir / PREDICTIONS_FILE).unlink(missing_ok=True)
+            PredictionParts(out_dir).delete()
+        _write_settings(out_dir, settings)
+    barrier("omnimol-eval-prepared")
     if store is None:
-        store = PredictionStore(out_dir / PREDICTIONS_FILE)
-    _write_settings(out_dir, settings)
+        store, parts = PredictionStore(out_dir / PREDICTIONS_FILE), PredictionParts(out_dir)
     median_decoder = number_median_decoder(session, options.number_median) if options.number_median else None
 
     # Which test records each task has, and which still lack a prediction.
@@ -414,23 +444,31 @@ def run_evaluation(options: EvalOptions, config: GenerationConfig) -> EvalResult
             continue
         sources[key] = source
         task_ids[key] = [f"{key}/{source.record_index(i)}" for i in range(count)]
-        missing[key] = [i for i, rid in enumerate(task_ids[key]) if rid not in store]
+        missing[key] = [i for i, rid in enumerate(task_ids[key]) if rid not in store and rid not in parts]
     if not task_ids:
         raise EvalError(f"no test records for {task_keys} in {options.data}")
     total_missing = sum(len(v) for v in missing.values())
     done_before = sum(len(v) for v in task_ids.values()) - total_missing
-    bar = tqdm(total=total_missing, desc="eval", unit="rec", disable=not options.progress, file=sys.stderr)
+    bar = tqdm(total=total_missing, desc="eval", unit="rec", disable=not (options.progress and lead),
+               file=sys.stderr)
     if done_before:
         bar.write(f"resuming: {done_before} predictions already in {store.path}")
     skipped: list[dict] = []
     pending = {key: _pending_examples(key, sources[key], task_ids[key], indices, session, config, skipped, bar)
                for key, indices in missing.items()}
+    writer = store if count == 1 else PredictionStore(part_path(out_dir, index, count))
     generation = CompileWatch().start()
     try:
-        _generate(pending, options, session, config, mbr_config, median_decoder, wants_constraint, store, bar)
+        planned = _generate(pending, options, session, config, mbr_config, median_decoder, wants_constraint,
+                            writer, bar)
     finally:
         generation.stop()
     bar.close()
+    barrier("omnimol-eval-generated")
+    if not lead:  # process 0 merges and scores
+        return EvalResult(out_dir=out_dir, report={}, predictions=writer.path, skipped=len(skipped),
+                          generation=generation)
+    PredictionParts(out_dir).merge_into(store, planned)
     (out_dir / SKIPPED_FILE).write_text(json.dumps(skipped, indent=2) + "\n")
 
     def tokenize_fn(text: str) -> list[str]:

@@ -61,11 +61,14 @@ class InferenceSession:
 
 def load_session(checkpoint: str | os.PathLike, tokenizer_path: Optional[str] = None, *,
                  double_bos: Optional[bool] = True,
-                 mesh_config: Optional[MeshConfig] = None, constrained: bool = False) -> InferenceSession:
-    """Loads a checkpoint (sharded over `mesh_config` when given), its tokenizer and a Generator: a full Omni-Mol
-    model, or a plain language model (`omnimol import-hf`, `init`), which answers text prompts only."""
+                 mesh_config: Optional[MeshConfig] = None, constrained: bool = False,
+                 devices: Optional[Sequence[Any]] = None) -> InferenceSession:
+    """Loads a checkpoint (sharded over `mesh_config` when given, over `devices` when given: this process's own in a
+    multi-process evaluation), its tokenizer and a Generator: a full Omni-Mol model, or a plain language model
+    (`omnimol import-hf`, `init`), which answers text prompts only."""
     checkpoint = Path(checkpoint)
-    mesh = build_mesh(mesh_config) if mesh_config is not None else None
+    mesh = (build_mesh(mesh_config or MeshConfig(), devices) if mesh_config is not None or devices is not None
+            else None)
     try:
         _, meta = read_metadata(checkpoint)
     except (CheckpointError, FileNotFoundError) as err:

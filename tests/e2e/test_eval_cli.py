@@ -269,12 +269,12 @@ def test_settings_added_later_resume_older_predictions_only_when_off(tmp_path):
     (0 / None / False), and are refused once it is on or an existing setting changes."""
     (tmp_path / runner.PREDICTIONS_FILE).write_text("")
     (tmp_path / runner.SETTINGS_FILE).write_text(json.dumps({"checkpoint": "a", "mbr_samples": 0}))
-    runner._check_settings(tmp_path, {"checkpoint": "a", "mbr_samples": 0, "number_median": 0}, restart=False)
+    runner._check_settings(tmp_path, {"checkpoint": "a", "mbr_samples": 0, "number_median": 0})
     (tmp_path / runner.SETTINGS_FILE).write_text(json.dumps({"checkpoint": "a", "mbr_samples": 0}))
     with pytest.raises(runner.EvalError, match=r"different settings \(number_median\)"):
-        runner._check_settings(tmp_path, {"checkpoint": "a", "mbr_samples": 0, "number_median": 16}, restart=False)
+        runner._check_settings(tmp_path, {"checkpoint": "a", "mbr_samples": 0, "number_median": 16})
     with pytest.raises(runner.EvalError, match=r"different settings \(checkpoint\)"):
-        runner._check_settings(tmp_path, {"checkpoint": "b", "mbr_samples": 0}, restart=False)
+        runner._check_settings(tmp_path, {"checkpoint": "b", "mbr_samples": 0})
 
 
 def test_record_seeds_are_stable_and_distinct():

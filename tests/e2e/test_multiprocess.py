@@ -99,3 +99,54 @@ def test_two_processes_train_like_one(corpus, tmp_path):
         np.testing.assert_allclose(np.asarray(exported_multi[key]), np.asarray(value), atol=1e-5, rtol=0)
     assert (tmp_path / "multi" / "frozen" / "omnimol_checkpoint.json").is_file()
     assert not list((tmp_path / "multi").glob(".*partial*"))
+
+
+def eval_command(checkpoint: Path, data: Path, out: Path, *flags: str) -> list[str]:
+    return [sys.executable, "-m", "omnimol_jax.cli", "eval", "--checkpoint", str(checkpoint), "--data", str(data),
+            "--tasks", "weight,forward,molcap", "--limit", "5", "--batch-size", "2", "--max-new-tokens", "12",
+            "--out", str(out), "--no-progress", *flags]
+
+
+def run_distributed(command: list[str], processes: int = 2) -> list[str]:
+    port = free_port()
+    procs = [subprocess.Popen(command, env=environment(1, JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+                                                      JAX_NUM_PROCESSES=processes, JAX_PROCESS_ID=i),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(processes)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outputs)):
+        assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
+    return [out for out, _ in outputs]
+
+
+@pytest.mark.slow  # three evaluation processes compiling cold
+def test_two_processes_evaluate_like_one(corpus, tmp_path):
+    """`eval --distributed`: each process answers every other batch of the single process's plan on its own
+    device; process 0 merges: predictions.jsonl byte for byte and every metric equal one process's; a rerun finds
+    everything answered."""
+    checkpoint = tmp_path / "model"
+    assert cli_main(["init", "--full", "--out", str(checkpoint), "model.preset=tiny", "model.vocab_size=1024",
+                     "graph.num_layers=2", "graph.hidden_size=32", "model.initializer_range=0.3"]) == 0
+    import shutil
+
+    shutil.copytree(corpus / "tokenizer", checkpoint / "hf_assets", dirs_exist_ok=True)
+    single = subprocess.run(eval_command(checkpoint, corpus, tmp_path / "single"), env=environment(1),
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    outputs = run_distributed(eval_command(checkpoint, corpus, tmp_path / "multi", "--distributed"))
+    assert "process 1 of 2: its predictions went to" in outputs[1]
+    one, two = tmp_path / "single", tmp_path / "multi"
+    assert (two / "predictions.jsonl").read_bytes() == (one / "predictions.jsonl").read_bytes()
+    assert (one / "predictions.jsonl").read_bytes().count(b"\n") == 6  # 2 test records of each task
+    assert not list(two.glob("predictions.part-*"))
+    for path in sorted((one / "metrics").iterdir()):
+        assert (two / "metrics" / path.name).read_text() == path.read_text(), path.name
+    # a stopped run's part file counts as answered and is merged by the next run, whatever its process count
+    lines = (two / "predictions.jsonl").read_bytes().split(b"\n")[:-1]
+    (two / "predictions.jsonl").write_bytes(b"".join(line + b"\n" for line in lines[:4]))
+    (two / "predictions.part-1-of-2.jsonl").write_bytes(b"".join(line + b"\n" for line in lines[4:]))
+    rerun = subprocess.run(eval_command(checkpoint, corpus, two), env=environment(1), capture_output=True,
+                           text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming: 6 predictions already in" in rerun.stdout + rerun.stderr
+    assert (two / "predictions.jsonl").read_bytes() == (one / "predictions.jsonl").read_bytes()
+    assert not list(two.glob("predictions.part-*"))
