@@ -23,6 +23,7 @@ from omnimol_jax import loops
 from omnimol_jax.config import ConfigError, ModelConfig
 from omnimol_jax.model import attention, flash, splash
 from omnimol_jax.model.dtypes import dtype_of
+from omnimol_jax.model.head_cross_entropy import head_cross_entropy
 from omnimol_jax.model.kv_cache import CACHE_AXES, KVCache
 from omnimol_jax.model.layer_scan import Segment, run_segment, scan_plan
 from omnimol_jax.model.lora import LoRA, fold_rng
@@ -350,14 +351,16 @@ class LlamaForCausalLM(nnx.Module):
 
     def chunked_cross_entropy(self, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
         """Per-position CE [B, T] (fp32) of the output head on hidden [B, T, d] against targets [B, T], `chunk`
-        positions at a time. Each chunk's fp32 logits are made, reduced to log-sum-exp minus the target's logit,
-        and dropped; the backward pass recomputes them chunk by chunk. So [B, T, vocab] logits never exist: at
-        Llama-3 vocab sizes they are the largest temporaries of a train step (3 x 16 GiB per v5p chip at 1B)."""
+        positions at a time. Each chunk's logits are made, reduced to log-sum-exp minus the target's logit, and
+        dropped; the backward pass recomputes them chunk by chunk (head_cross_entropy.py: one fused pass writes
+        d logits in the compute dtype). So [B, T, vocab] logits never exist: at Llama-3 vocab sizes they are the
+        largest temporaries of a train step (3 x 16 GiB per v5p chip at 1B)."""
+        tied = self.config.tie_word_embeddings
+        head = self.embed_tokens if tied else self.lm_head
+        weight = (head.embedding if tied else head.kernel)[...].astype(head.dtype)
+
         def chunk_ce(h_chunk, t_chunk):
-            logits = constrain(self.lm_logits(h_chunk).astype(jnp.float32),
-                               ("activation_batch", "activation_length", "activation_vocab"))
-            picked = jnp.take_along_axis(logits, t_chunk[..., None], axis=-1)[..., 0]
-            return jax.nn.logsumexp(logits, axis=-1) - picked
+            return head_cross_entropy(h_chunk, weight, t_chunk, tied, constrain)
 
         batch, length, dim = hidden.shape
         count = -(-length // chunk)
@@ -366,8 +369,7 @@ class LlamaForCausalLM(nnx.Module):
         pad = count * chunk - length
         h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, count, chunk, dim).swapaxes(0, 1)
         t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, count, chunk).swapaxes(0, 1)
-        one = jax.checkpoint(lambda inputs: chunk_ce(*inputs))
-        ce = loops.map_chunks(one, (h, t))
+        ce = loops.map_chunks(lambda inputs: chunk_ce(*inputs), (h, t))
         return ce.swapaxes(0, 1).reshape(batch, count * chunk)[:, :length]
 
     def _segments(self, scan: bool) -> Sequence[Segment]:

@@ -22,11 +22,12 @@ TASKS = "weight,logp,forward,molcap,iupac"
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus") / "data"
-    assert cli_main(["build-data", "--out", str(out), "--size", "40", "--tasks", TASKS, "--workers", "1",
-                     "--vocab-size", "600"]) == 0
-    return out
+def corpus(shared_folder):
+    def build(folder):
+        assert cli_main(["build-data", "--out", str(folder / "data"), "--size", "40", "--tasks", TASKS, "--workers",
+                         "1", "--vocab-size", "600"]) == 0
+
+    return shared_folder("train-corpus", build) / "data"
 
 
 def write_config(path: Path, corpus: Path, output_dir: Path, **train) -> Path:
@@ -57,16 +58,24 @@ def trainable(result):
 
 
 @pytest.fixture(scope="module")
-def straight(corpus, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("straight")
-    config = write_config(tmp / "config.yaml", corpus, tmp / "run")
-    return config, run(config)
+def straight(corpus, shared_folder):
+    """A 6-step run without a stop, trained once per session (its losses and final trainable parameters)."""
+    def train(folder):
+        config = write_config(folder / "config.yaml", corpus, folder / "run")
+        _, result = run(config)
+        assert result.stopped_by == "max_steps"
+        (folder / "losses.json").write_text(json.dumps(result.losses))
+        np.savez(folder / "trainable.npz", **trainable(result))
+
+    folder = shared_folder("train-straight", train)
+    with np.load(folder / "trainable.npz") as stored:
+        final = {key: stored[key] for key in stored.files}
+    return json.loads((folder / "losses.json").read_text()), final
 
 
 def test_exact_resume_after_stopping(straight, corpus, tmp_path):
-    config, (_, full) = straight
-    assert full.stopped_by == "max_steps" and len(full.losses) == 6
-    assert full.losses[-1] < full.losses[0]
+    full_losses, full_trainable = straight
+    assert len(full_losses) == 6 and full_losses[-1] < full_losses[0]
     resumable = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run")
     _, first = run(resumable, until_step=3)
     assert first.stopped_by == "until_step" and first.final_step == 3
@@ -75,15 +84,15 @@ def test_exact_resume_after_stopping(straight, corpus, tmp_path):
     assert "resumed from checkpoint step 3" in messages
     assert second.final_step == 6
     # identical losses after the resume and bit-identical parameters at the end
-    assert first.losses + second.losses == full.losses
-    a, b = trainable(full), trainable(second)
+    assert first.losses + second.losses == full_losses
+    a, b = full_trainable, trainable(second)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def test_sigterm_saves_and_resume_is_exact(straight, corpus, tmp_path):
-    config, (_, full) = straight
+    full_losses, full_trainable = straight
     resumable = write_config(tmp_path / "config.yaml", corpus, tmp_path / "run")
     env = dict(os.environ)
     process = subprocess.Popen([sys.executable, "-m", "omnimol_jax.cli", "train", "--config", str(resumable),
@@ -103,8 +112,8 @@ def test_sigterm_saves_and_resume_is_exact(straight, corpus, tmp_path):
     messages = []
     _, resumed = run(resumable, messages=messages)
     assert f"resumed from checkpoint step {stopped_at}" in messages
-    assert resumed.losses == full.losses[stopped_at:]
-    for key, value in trainable(full).items():
+    assert resumed.losses == full_losses[stopped_at:]
+    for key, value in full_trainable.items():
         np.testing.assert_array_equal(trainable(resumed)[key], value, err_msg=key)
 
 
