@@ -98,15 +98,21 @@ def _analysis(compiled) -> tuple[dict, Any]:
 
 
 def largest_temporaries(compiled, count: int = 5) -> list[str]:
-    """The biggest arrays the optimized program computes (from its HLO text; best effort): 'shape op_name'."""
+    """The biggest arrays the optimized program writes (from its HLO text; best effort): 'shape op_name'. The
+    bodies of fusions are skipped: their values live in registers or VMEM, only a fusion's output is a buffer."""
     try:
         text = compiled.as_text()
     except Exception:  # noqa: BLE001 - some backends cannot print the optimized program
         return []
     found: dict[str, int] = {}
-    for line in text.splitlines():
-        line = line.strip()
-        if " = " not in line or line.startswith(("ROOT", "//")) or "parameter(" in line:
+    in_fusion_body = False
+    for raw in text.splitlines():
+        if raw and not raw[0].isspace() and raw.rstrip().endswith("{"):  # a computation's header
+            name = raw.split()[1 if raw.startswith("ENTRY") else 0].lstrip("%")
+            in_fusion_body = name.startswith("fused_") or ".fused_" in name or name.startswith("fusion")
+            continue
+        line = raw.strip()
+        if in_fusion_body or " = " not in line or line.startswith(("ROOT", "//")) or "parameter(" in line:
             continue
         head = line.split(" = ", 1)[1]
         match = DTYPE_BYTES.match(head)

@@ -134,8 +134,9 @@ def test_the_decoder_layers_compile_once_per_group():
 
 def test_step_costs_count_every_layer_and_loss_chunk():
     """XLA counts a loop body once; `step_costs` counts the scanned layers and the chunked loss in full: the same
-    FLOPs (within 2%) as the unrolled, unchunked forward + backward, where XLA's own figure for the looped program is
-    far lower."""
+    FLOPs (within 5%: the counted figure scales XLA's optimized count by a ratio of unoptimized lowerings, and the
+    fused head + CE's elementwise backward is fused differently per chunk) as the unrolled, unchunked forward +
+    backward, where XLA's own figure for the looped program is far lower."""
     def costs(scan, chunk):
         model_config = model_config_from_preset("tiny", num_layers=6, scan_layers=scan,
                                                 lora={"enabled": True, "rank": 4})
@@ -156,4 +157,4 @@ def test_step_costs_count_every_layer_and_loss_chunk():
     looped, looped_counted = costs(True, 16)
     assert plain_counted == plain  # no loop: XLA's figure as it is
     assert looped < 0.6 * plain
-    assert looped_counted == pytest.approx(plain, rel=0.02)
+    assert looped_counted == pytest.approx(plain, rel=0.05)
